@@ -1,0 +1,23 @@
+# The two commands of the README. Each creates the virtual environment on first use.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv quickstart test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+quickstart: venv
+	$(BIN)/python -m ssam_tune.run search_spaces/quickstart.yaml
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) results/quickstart

@@ -1,0 +1,340 @@
+"""SAM and Sparse SAM (SSAM) as torch.optim-shaped wrappers around a base optimizer.
+
+SAM: Foret et al., ICLR 2021. SSAM: Mi et al., "Make Sharpness-Aware Minimization Stronger:
+A Sparsified Perturbation Approach", NeurIPS 2022.
+
+One SAM/SSAM step, given the minibatch gradient g at w (paper Eq. 2 and Algorithm 1):
+
+    e = rho * g / (||g||_2 + eps)        # climb towards the local maximum (Eq. 2)
+    e = e * m                            # SSAM only: sparse perturbation (Alg. 1, line 9)
+    w <- w + e ; g' = grad L(w + e) ; w <- w (restored by copy) ; base_optimizer.step(g')
+
+The perturbation is built from the loss gradient alone; weight decay, momentum and any other
+transform belong to the base optimizer's step (as in the reference code). The wrappers never
+see a model, a data loader or an epoch: masks come from :mod:`ssam_tune.masks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["SAM", "SSAM", "freeze_bn_stats"]
+
+NORMALIZE_MODES = ("full", "masked")
+
+
+def _check_rho(rho: float) -> float:
+    if not isinstance(rho, (int, float)) or isinstance(rho, bool) or not rho >= 0.0:
+        raise ValueError(f"rho must be a number >= 0, got rho={rho!r}")
+    return float(rho)
+
+
+def _check_sparsity(sparsity: float) -> float:
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got sparsity={sparsity!r}")
+    return float(sparsity)
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-Aware Minimization around any base optimizer.
+
+    ``SAM(params, base_optimizer=torch.optim.SGD, *, rho=0.05, eps=1e-7, **base_kwargs)``
+
+    Use it with two forward/backward passes per step::
+
+        loss_fn(model(x), y).backward()
+        opt.first_step(zero_grad=True)    # w -> w + e
+        loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)   # w restored, base optimizer steps with grad at w + e
+
+    or ``opt.step(closure)`` where the closure computes the loss and calls backward.
+
+    ``param_groups`` is the base optimizer's own list, so an LR scheduler attached to this
+    wrapper drives the real learning rate; ``rho`` may differ per group. ``eps`` is the
+    constant in ``rho / (||g|| + eps)`` that keeps a zero gradient from dividing by zero; the
+    reference code uses 1e-7, which is the default here. ``||g||`` is the norm over every
+    parameter with a gradient (all groups together). Parameters whose ``grad`` is None are
+    neither perturbed nor restored. The old weights are restored by copy, not by subtracting
+    e, so the restore is exact.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
+        *,
+        rho: float = 0.05,
+        eps: float = 1e-7,
+        **base_kwargs,
+    ) -> None:
+        rho = _check_rho(rho)
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got eps={eps!r}")
+        defaults = dict(rho=rho, **base_kwargs)
+        super().__init__(params, defaults)
+        self.eps = float(eps)
+        # The base optimizer takes our groups, so both share the same dicts; then we adopt
+        # its list, so schedulers and load_state_dict stay in one place.
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self._perturbed: list[torch.Tensor] = []
+        self._backups: list[torch.Tensor] = []
+        # Device tensor with ||e|| of the last first_step (read it only when logging).
+        self.last_e_norm: torch.Tensor | None = None
+
+    # -- helpers -----------------------------------------------------------------------
+    def _grad_params(self) -> list[tuple[dict, list[torch.Tensor]]]:
+        return [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+
+    @staticmethod
+    def _stack_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Per-tensor L2 norms (fused multi-tensor kernel) as one vector on the first device."""
+        norms = torch._foreach_norm(tensors)
+        device = norms[0].device
+        return torch.stack([n.to(device) for n in norms])
+
+    def _backup(self, params: list[torch.Tensor]) -> None:
+        """Copy w into per-parameter buffers allocated once (exact restore, no realloc)."""
+        backups = []
+        for p in params:
+            buf = self.state[p].get("w_backup")
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+                buf = torch.empty_like(p, memory_format=torch.preserve_format)
+                self.state[p]["w_backup"] = buf
+            backups.append(buf)
+        torch._foreach_copy_(backups, params)
+        self._perturbed = params
+        self._backups = backups
+
+    def _perturb(self, groups, vectors, norms, denom) -> None:
+        """w += rho_g * v / denom for each group g; ``norms`` are the per-tensor norms of v.
+
+        A new list is made for e, so p.grad is never scaled in place.
+        """
+        e_sq, start = [], 0
+        for group, ps in groups:
+            if not ps:
+                continue
+            stop = start + len(ps)
+            scale = group["rho"] / denom
+            e = torch._foreach_mul(vectors[start:stop], scale)
+            torch._foreach_add_(ps, e)
+            e_sq.append(scale.square() * norms[start:stop].square().sum())
+            start = stop
+        # ||e||^2 = sum over groups of scale_g^2 ||v_g||^2: no extra pass over the weights.
+        self.last_e_norm = torch.stack(e_sq).sum().sqrt()
+
+    # -- the two phases ------------------------------------------------------------------
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Climb to w + e(w), e = rho * g / (||g|| + eps) (paper Eq. 2)."""
+        groups = self._grad_params()
+        params_all = [p for _, ps in groups for p in ps]
+        if not params_all:
+            self._perturbed, self._backups, self.last_e_norm = [], [], None
+            return
+        grads = [p.grad for p in params_all]
+        norms = self._stack_norms(grads)
+        self._backup(params_all)
+        self._perturb(groups, grads, norms, torch.linalg.vector_norm(norms) + self.eps)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Return to w (by copy) and let the base optimizer step with the gradient at w + e."""
+        if self._perturbed:
+            torch._foreach_copy_(self._perturbed, self._backups)
+        self._perturbed, self._backups = [], []
+        self.base_optimizer.step()
+        # An LR scheduler attached to this wrapper watches for our step(); a
+        # first_step/second_step loop is a real step too, so don't let it warn.
+        self._opt_called = True
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):  # type: ignore[override]
+        """One full SAM step. The closure must compute the loss and call ``backward()``.
+
+        Gradients are cleared before each of the two closure calls. Returns the loss at w.
+        """
+        if closure is None:
+            raise ValueError(
+                "SAM.step needs a closure that computes the loss and calls backward(); "
+                "or call first_step() and second_step() yourself"
+            )
+        closure = torch.enable_grad()(closure)
+        self.zero_grad()
+        loss = closure()
+        self.first_step(zero_grad=True)
+        closure()
+        self.second_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The base optimizer's state dict (momentum buffers, param_groups incl. rho)."""
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        state_dict.pop("ssam", None)
+        self.base_optimizer.load_state_dict(state_dict)
+        # torch rebuilds the group dicts on load: adopt the new list again.
+        self.param_groups = self.base_optimizer.param_groups
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rho={self.defaults['rho']}, base={self.base_optimizer!r})"
+
+
+class SSAM(SAM):
+    """Sparse SAM: the SAM perturbation multiplied by a binary mask (Algorithm 1, line 9).
+
+    ``SSAM(params, base_optimizer=torch.optim.SGD, *, rho=0.05, sparsity=0.5,
+    normalize="full", eps=1e-7, **base_kwargs)``
+
+    - ``sparsity`` s is the fraction of weights NOT perturbed; mask builders in
+      :mod:`ssam_tune.masks` keep exactly floor((1 - s) * d) ones. The optimizer applies
+      whatever mask it is given (:meth:`set_masks`); ``sparsity`` is the target the mask
+      helpers (:meth:`set_masks_from_scores`, :meth:`dynamic_update`) read.
+    - ``normalize="full"`` (the paper's and the reference's choice): e = rho * g / ||g|| with
+      g the whole gradient, then masked, so ||e|| <= rho. ``"masked"``: e = rho * (g * m) /
+      ||g * m||, so ||e|| = rho (as SAM-ON does).
+    - Until masks are set, SSAM perturbs every weight, i.e. it is SAM.
+
+    Masks are bool tensors, one per parameter in param_groups order, kept on the
+    parameter's device; they are part of :meth:`state_dict`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
+        *,
+        rho: float = 0.05,
+        sparsity: float = 0.5,
+        normalize: str = "full",
+        eps: float = 1e-7,
+        **base_kwargs,
+    ) -> None:
+        self.sparsity = _check_sparsity(sparsity)
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got normalize={normalize!r}")
+        self.normalize = normalize
+        super().__init__(params, base_optimizer, rho=rho, eps=eps, **base_kwargs)
+        self._masks: list[torch.Tensor] | None = None
+        self._mask_of: dict[torch.Tensor, torch.Tensor] = {}
+
+    # -- masks -----------------------------------------------------------------------------
+    def params(self) -> list[torch.Tensor]:
+        """All parameters in param_groups order (the order masks follow)."""
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def masks(self) -> list[torch.Tensor] | None:
+        """The current masks (bool, one per parameter), or None while SSAM is plain SAM."""
+        return None if self._masks is None else list(self._masks)
+
+    def set_masks(self, masks: list[torch.Tensor] | None) -> None:
+        """Install masks (one per parameter, in param_groups order); None removes them."""
+        if masks is None:
+            self._masks, self._mask_of = None, {}
+            return
+        params = self.params()
+        masks = list(masks)
+        if len(masks) != len(params):
+            raise ValueError(f"masks must have one tensor per parameter: got {len(masks)}, expected {len(params)}")
+        out = []
+        for i, (p, m) in enumerate(zip(params, masks)):
+            if not isinstance(m, torch.Tensor) or m.shape != p.shape:
+                shape = getattr(m, "shape", type(m).__name__)
+                raise ValueError(f"masks[{i}] must be a tensor of shape {tuple(p.shape)}, got {shape}")
+            out.append(m.to(device=p.device, dtype=torch.bool))
+        self._masks = out
+        self._mask_of = dict(zip(params, out))
+
+    def set_masks_from_scores(self, scores: list[torch.Tensor]) -> None:
+        """Keep the top floor((1 - sparsity) * d) scores globally (SSAM-F, Eq. 6)."""
+        from ssam_tune.masks import topk_mask
+
+        self.set_masks(topk_mask(scores, self.sparsity))
+
+    def dynamic_update(self, t: float, total: float, *, alpha: float = 0.5, strategy: str = "flattest",
+                       generator: torch.Generator | None = None) -> None:
+        """SSAM-D mask update (Eq. 7-9) from the current gradients at w (call before first_step)."""
+        from ssam_tune.masks import dynamic_mask_update
+
+        if self._masks is None:
+            raise ValueError("dynamic_update needs an initial mask: call set_masks(random_mask(...)) first")
+        params = self.params()
+        grads = [p.grad for p in params]
+        self.set_masks(dynamic_mask_update(self._masks, grads, sparsity=self.sparsity, t=t, total=total,
+                                           alpha=alpha, strategy=strategy, generator=generator))
+
+    # -- the first phase, masked --------------------------------------------------------------
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Climb to w + e * m (Alg. 1 line 9), normalising as ``normalize`` says."""
+        if self._masks is None:
+            return super().first_step(zero_grad)
+        groups = self._grad_params()
+        params_all = [p for _, ps in groups for p in ps]
+        if not params_all:
+            self._perturbed, self._backups, self.last_e_norm = [], [], None
+            return
+        grads = [p.grad for p in params_all]
+        # Masked gradients g * m (scratch tensors; bool masks promote to the grad dtype).
+        masked = torch._foreach_mul(grads, [self._mask_of[p] for p in params_all])
+        masked_norms = self._stack_norms(masked)
+        if self.normalize == "full":  # paper / reference: ||g|| of the whole gradient
+            denom = torch.linalg.vector_norm(self._stack_norms(grads)) + self.eps
+        else:  # "masked": ||g * m||, so that ||e|| = rho
+            denom = torch.linalg.vector_norm(masked_norms) + self.eps
+        self._backup(params_all)
+        self._perturb(groups, masked, masked_norms, denom)
+        if zero_grad:
+            self.zero_grad()
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Base optimizer state plus ``"ssam": {"masks": [...] or None}`` (bool tensors)."""
+        sd = super().state_dict()
+        sd["ssam"] = {"masks": None if self._masks is None else [m.clone() for m in self._masks]}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        masks = (state_dict.get("ssam") or {}).get("masks")
+        super().load_state_dict(state_dict)
+        self.set_masks(masks)
+        # set_masks keys masks by parameter object; the parameters did not change on load.
+
+
+@contextlib.contextmanager
+def freeze_bn_stats(model: nn.Module):
+    """Keep BatchNorm running statistics (and num_batches_tracked) untouched inside the block.
+
+    Common SAM practice for the second forward pass at w + e: train-mode BatchNorm still
+    normalises with the batch statistics, but the running estimates are not updated a second
+    time (the reference code updates them twice per step). Opt-in; use it around the second
+    forward only::
+
+        with freeze_bn_stats(model):
+            loss_fn(model(x), y).backward()
+    """
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            saved.append(m)
+            m.track_running_stats = False  # batch stats used, running buffers not passed in
+    try:
+        yield model
+    finally:
+        for m in saved:
+            m.track_running_stats = True
