@@ -111,10 +111,12 @@ class SAM(torch.optim.Optimizer):
         self._perturbed = params
         self._backups = backups
 
-    def _perturb(self, groups, vectors, norms, denom) -> None:
+    def _perturb(self, groups, vectors, norms, denom, scratch: bool = False) -> None:
         """w += rho_g * v / denom for each group g; ``norms`` are the per-tensor norms of v.
 
-        A new list is made for e, so p.grad is never scaled in place.
+        Unless ``scratch`` says that ``vectors`` are the caller's own temporaries (then they
+        are scaled in place, saving an allocation), a new list is made for e, so p.grad is
+        never scaled in place.
         """
         e_sq, start = [], 0
         for group, ps in groups:
@@ -122,7 +124,11 @@ class SAM(torch.optim.Optimizer):
                 continue
             stop = start + len(ps)
             scale = group["rho"] / denom
-            e = torch._foreach_mul(vectors[start:stop], scale)
+            if scratch:
+                e = vectors[start:stop]
+                torch._foreach_mul_(e, scale)
+            else:
+                e = torch._foreach_mul(vectors[start:stop], scale)
             torch._foreach_add_(ps, e)
             e_sq.append(scale.square() * norms[start:stop].square().sum())
             start = stop
@@ -211,7 +217,10 @@ class SSAM(SAM):
     - Until masks are set, SSAM perturbs every weight, i.e. it is SAM.
 
     Masks are bool tensors, one per parameter in param_groups order, kept on the
-    parameter's device; they are part of :meth:`state_dict`.
+    parameter's device; they are part of :meth:`state_dict`. For the step itself a 0/1 copy
+    in the gradient's dtype is built once per :meth:`set_masks` (as the reference code keeps
+    float32 masks): g * m with a bool m is a mixed-dtype multiply, an unvectorised casting
+    loop on CPU, while the same-dtype product is bitwise the same and much faster.
     """
 
     def __init__(
@@ -232,6 +241,7 @@ class SSAM(SAM):
         super().__init__(params, base_optimizer, rho=rho, eps=eps, **base_kwargs)
         self._masks: list[torch.Tensor] | None = None
         self._mask_of: dict[torch.Tensor, torch.Tensor] = {}
+        self._mask_cast: dict[torch.Tensor, tuple] = {}  # p -> (mask version, mask in grad dtype)
 
     # -- masks -----------------------------------------------------------------------------
     def params(self) -> list[torch.Tensor]:
@@ -244,6 +254,7 @@ class SSAM(SAM):
 
     def set_masks(self, masks: list[torch.Tensor] | None) -> None:
         """Install masks (one per parameter, in param_groups order); None removes them."""
+        self._mask_cast = {}
         if masks is None:
             self._masks, self._mask_of = None, {}
             return
@@ -278,6 +289,22 @@ class SSAM(SAM):
         self.set_masks(dynamic_mask_update(self._masks, grads, sparsity=self.sparsity, t=t, total=total,
                                            alpha=alpha, strategy=strategy, generator=generator))
 
+    def _masks_like(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The masks as 0/1 tensors of each gradient's dtype and device.
+
+        Cached per parameter; rebuilt after set_masks or an in-place change to a mask tensor
+        (its version counter moves), so the cache never changes what is applied.
+        """
+        out = []
+        for p, g in zip(params, grads):
+            mask = self._mask_of[p]
+            version, m = self._mask_cast.get(p, (None, None))
+            if m is None or version != mask._version or m.dtype != g.dtype or m.device != g.device:
+                m = mask.to(device=g.device, dtype=g.dtype)
+                self._mask_cast[p] = (mask._version, m)
+            out.append(m)
+        return out
+
     # -- the first phase, masked --------------------------------------------------------------
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -290,15 +317,15 @@ class SSAM(SAM):
             self._perturbed, self._backups, self.last_e_norm = [], [], None
             return
         grads = [p.grad for p in params_all]
-        # Masked gradients g * m (scratch tensors; bool masks promote to the grad dtype).
-        masked = torch._foreach_mul(grads, [self._mask_of[p] for p in params_all])
+        # Masked gradients g * m (scratch tensors, scaled in place into e below).
+        masked = torch._foreach_mul(grads, self._masks_like(params_all, grads))
         masked_norms = self._stack_norms(masked)
         if self.normalize == "full":  # paper / reference: ||g|| of the whole gradient
             denom = torch.linalg.vector_norm(self._stack_norms(grads)) + self.eps
         else:  # "masked": ||g * m||, so that ||e|| = rho
             denom = torch.linalg.vector_norm(masked_norms) + self.eps
         self._backup(params_all)
-        self._perturb(groups, masked, masked_norms, denom)
+        self._perturb(groups, masked, masked_norms, denom, scratch=True)
         if zero_grad:
             self.zero_grad()
 

@@ -1,0 +1,295 @@
+"""Typed training configuration, loaded from YAML with yaml.safe_load and validated.
+
+One schema serves ``python -m ssam_tune.train CONFIG.yaml`` and the fixed part of a search
+space. Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`, whose
+message names the YAML path (``method.rho``) and the rule it broke.
+
+Defaults are the paper's CIFAR recipe (Section 5.1): batch 128, SGD momentum 0.9, lr 0.05
+with a cosine schedule, weight decay 1e-3 for SAM/SSAM, cutout, rho 0.1 (CIFAR-10).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "DataConfig", "MethodConfig", "ModelConfig", "TrainConfig",
+           "config_from_dict", "config_to_dict", "load_config", "load_yaml", "set_by_path"]
+
+METHOD_NAMES = ("sgd", "sam", "ssam_f", "ssam_d", "ssam_random")
+SPARSE_METHODS = ("ssam_f", "ssam_d", "ssam_random")
+MODEL_NAMES = ("resnet18", "wrn28_10", "vgg11_bn", "resnet50")
+DATASET_NAMES = ("embedded", "cifar10", "cifar100", "imagefolder")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``str()`` is one line naming the file, the key and the rule."""
+
+    def __init__(self, path: str, rule: str, source: str | None = None) -> None:
+        self.path, self.rule, self.source = path, rule, source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{path}: {rule}" if path else f"{where}{rule}")
+
+
+def _rule(lo=None, hi=None, lo_open=False, hi_open=False, choices=None, help=None):
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices, "help": help}
+
+
+def _f(default, **rule):
+    """A dataclass field with a validation rule in its metadata."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=_rule(**rule))
+    return field(default=default, metadata=_rule(**rule))
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("resnet18", choices=MODEL_NAMES)
+    width: float = _f(1.0, lo=0.0, lo_open=True, hi=16.0)  # channel multiplier (CIFAR models)
+    depth: int = _f(28, lo=10, hi=100)  # WideResNet only
+    widen_factor: int = _f(10, lo=1, hi=20)  # WideResNet only
+
+
+@dataclass
+class DataConfig:
+    name: str = _f("embedded", choices=DATASET_NAMES)
+    root: str | None = _f(None)  # data directory (cifar10/100, imagefolder)
+    download: bool = _f(False)  # torchvision download for cifar10/100
+    val_fraction: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True)  # carved from the training set
+    augment: str | None = _f(None, choices=("cifar", "imagenet", "none"))  # None: by image size
+    cutout: int = _f(16, lo=0, hi=224)  # cutout square side in pixels (0: off)
+    train_size: int | None = _f(None, lo=1)  # optional class-balanced subset of the train split
+    num_workers: int = _f(4, lo=0, hi=64)  # DataLoader workers (ImageNet-size data only)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(200, lo=1, hi=100000)
+    batch_size: int = _f(128, lo=1, hi=65536)
+    eval_batch_size: int = _f(512, lo=1, hi=65536)
+    lr: float = _f(0.05, lo=0.0, lo_open=True, hi=100.0)
+    momentum: float = _f(0.9, lo=0.0, hi=1.0, hi_open=True)
+    nesterov: bool = _f(False)
+    weight_decay: float = _f(1e-3, lo=0.0, hi=1.0)
+    warmup_epochs: int = _f(0, lo=0)
+    label_smoothing: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True)
+    device: str = _f("auto", help="auto, cpu, cuda or cuda:N")
+    precision: str = _f("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 autocast on GPU
+    channels_last: str = _f("auto", choices=("auto", "on", "off"))  # auto: on GPU
+    max_steps_per_epoch: int | None = _f(None, lo=1)  # cap for smoke runs
+
+
+@dataclass
+class MethodConfig:
+    name: str = _f("ssam_f", choices=METHOD_NAMES)
+    rho: float = _f(0.1, lo=0.0, hi=10.0)  # perturbation radius (Eq. 2)
+    sparsity: float = _f(0.5, lo=0.0, hi=1.0, hi_open=True)  # fraction NOT perturbed
+    normalize: str = _f("full", choices=("full", "masked"))
+    T_m: int = _f(1, lo=1, hi=100000)  # mask refresh interval (Alg. 1)
+    mask_unit: str = _f("epoch", choices=("epoch", "step"))
+    fixed_mask: bool = _f(False)  # Table 9 "fixed": build once, never refresh
+    N_F: int = _f(128, lo=1, hi=1000000)  # Fisher samples (Eq. 5, Table 8)
+    fisher_bn: str = _f("per_sample", choices=("per_sample", "eval"))
+    alpha: float = _f(0.5, lo=0.0, hi=1.0)  # SSAM-D drop rate (Eq. 9)
+    drop: str = _f("flattest", choices=("flattest", "random", "sharpest"))  # Table 7
+    bn_second_pass: str = _f("update", choices=("update", "freeze"))  # BN stats at w + e
+
+
+@dataclass
+class Config:
+    seed: int = _f(0, lo=0, hi=2**31 - 1)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "method": MethodConfig}
+
+
+def _type_name(tp) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if args:
+        return " or ".join(names.get(a, str(a)) for a in args) + " (or null)"
+    return names.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp, path: str) -> Any:
+    """Check ``value`` against a field annotation (int, float, bool, str, optional)."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path) if value is not None else _fail_type(value, tp, path)
+    if origin is Literal:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    return _fail_type(value, tp, path)
+
+
+def _fail_type(value, tp, path):
+    raise ConfigError(path, f"must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _check_rule(value: Any, meta: dict, path: str) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(path, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+        op = ">" if meta.get("lo_open") else ">="
+        raise ConfigError(path, f"must be {op} {lo}, got {value!r}")
+    if hi is not None and (value >= hi if meta.get("hi_open") else value > hi):
+        op = "<" if meta.get("hi_open") else "<="
+        raise ConfigError(path, f"must be {op} {hi}, got {value!r}")
+
+
+def _build(cls, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or "(top level)", f"must be a mapping of keys to values, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(map(str, data)) - set(fields))
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(f"{prefix}{key}", f"unknown key; allowed keys here: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{prefix}{name}"
+        if name not in data:
+            continue
+        if name in SECTIONS and cls is Config:
+            kwargs[name] = _build(SECTIONS[name], data[name], f"{name}.")
+            continue
+        value = _coerce(data[name], hints[name], path)
+        _check_rule(value, f.metadata, path)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check_cross(cfg: Config) -> None:
+    """Rules that involve two keys."""
+    if cfg.train.warmup_epochs >= cfg.train.epochs and cfg.train.warmup_epochs > 0:
+        raise ConfigError("train.warmup_epochs", f"must be < train.epochs ({cfg.train.epochs}), "
+                          f"got {cfg.train.warmup_epochs}")
+    if cfg.data.name == "imagefolder" and not cfg.data.root:
+        raise ConfigError("data.root", "is required for data.name: imagefolder (the folder holding train/ "
+                          "and val/ or test/)")
+    if cfg.model.name == "resnet50" and cfg.model.width != 1.0:
+        raise ConfigError("model.width", "resnet50 has no width multiplier; use 1.0")
+    if (cfg.model.depth - 4) % 6:
+        raise ConfigError("model.depth", f"WideResNet depth must be 6n + 4 (10, 16, 22, 28, ...), got {cfg.model.depth}")
+
+
+def config_from_dict(data: Any, source: str | None = None) -> Config:
+    """Build and validate a :class:`Config`; errors carry ``source`` (a file name)."""
+    try:
+        cfg = _build(Config, data, "")
+        _check_cross(cfg)
+    except ConfigError as err:
+        raise ConfigError(err.path, err.rule, source) from None
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load semantics, plus duplicate keys rejected (a silent override is a typo)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Read a YAML file safely (no python tags); errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"file not found: {path}", str(path))
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError("", f"cannot read the file ({err})", str(path)) from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if "python/" in str(err) or "could not determine a constructor" in str(err):
+            problem = "YAML tags such as !!python/... are not allowed (safe_load only)"
+        raise ConfigError("", f"invalid YAML: {where}{problem}", str(path)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a training config file and apply ``key=value`` overrides (``--set``)."""
+    data = load_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("(top level)", "must be a mapping of keys to values", str(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError("--set", f"expected key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        set_by_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return config_from_dict(data, source=str(path))
+
+
+def set_by_path(data: dict, dotted: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for ``dotted = "a.b"``, creating sections as needed."""
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(dotted, f"{part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def get_by_path(cfg_dict: dict, dotted: str) -> Any:
+    node = cfg_dict
+    for part in dotted.split("."):
+        node = node[part]
+    return node

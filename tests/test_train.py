@@ -1,0 +1,148 @@
+"""The training loop: short real runs on the embedded data, exact resume, divergence, CLI."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ssam_tune.config import config_from_dict
+from ssam_tune.data import load_dataset
+from ssam_tune.train import Trainer, load_checkpoint
+
+TINY = {"model": {"width": 0.125}, "data": {"train_size": 1024, "val_fraction": 0.1},
+        "train": {"epochs": 2, "batch_size": 64}}
+TIMING = {"epoch_seconds", "images_per_second", "train_seconds"}
+
+
+def tiny(name: str, **over) -> dict:
+    cfg = json.loads(json.dumps(TINY))
+    cfg["method"] = {"name": name, **over.pop("method", {})}
+    for section, values in over.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_dataset("embedded", val_fraction=0.1, seed=0)
+
+
+@pytest.mark.parametrize("method", ["sgd", "sam", "ssam_f", "ssam_d", "ssam_random"])
+def test_two_epochs_beat_chance(method, embedded):
+    cfg = config_from_dict(tiny(method, method={"sparsity": 0.7, "N_F": 64}))
+    trainer = Trainer(cfg, data=embedded)
+    metrics = list(trainer.epochs())
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    last = metrics[-1]
+    assert last["status"] == "completed"
+    assert last["test_acc"] > 0.13, last  # chance is 0.10; 1,000 test images: sd 0.0095
+    assert last["train_loss"] < metrics[0]["train_loss"] or last["train_acc"] > 0.15
+    assert 0 < last["best_epoch"] <= 2 and last["best_val_acc"] == max(m["val_acc"] for m in metrics)
+    if method == "sgd":
+        assert last["e_norm"] == 0.0 and last["mask_refreshes"] == 0
+        assert last["flops_executed"] == pytest.approx(last["flops_theoretical"])
+    else:
+        assert all(m["e_norm"] > 0 for m in metrics)
+    if method == "sam":
+        assert all(m["e_norm"] == pytest.approx(0.1, rel=1e-3) for m in metrics)  # ||e|| = rho
+    if method.startswith("ssam"):
+        # density exactly 1 - s after every refresh; one refresh per epoch (T_m = 1)
+        d = sum(p.numel() for p in trainer.model.parameters())
+        for m in metrics:
+            assert m["mask_density"] == math.floor(round(0.3 * d, 9)) / d
+        assert [m["mask_refreshes"] for m in metrics] == [1, 2]
+        assert sum(int(x.sum()) for x in trainer.opt.masks()) == math.floor(round(0.3 * d, 9))
+        assert metrics[1]["mask_overlap"] is not None and 0 < metrics[1]["mask_overlap"] <= 1
+        assert last["flops_mask"] > 0
+        assert last["flops_theoretical"] < last["flops_executed"]  # sparse first backward
+    if method == "ssam_f":
+        assert last["flops_mask"] == pytest.approx(2 * 64 * (trainer.flops.F + trainer.flops.B))
+
+
+def test_flops_accounting_matches_cost_model(embedded):
+    cfg = config_from_dict(tiny("sam", train={"epochs": 1}))
+    trainer = Trainer(cfg, data=embedded)
+    (m,) = list(trainer.epochs())
+    images = (1024 // 64) * 64
+    assert m["flops_executed"] == pytest.approx(2 * images * (trainer.flops.F + trainer.flops.B))
+
+
+def test_refresh_schedule_counts(embedded):
+    cfg = config_from_dict(tiny("ssam_random", train={"epochs": 3}, method={"T_m": 2}))
+    metrics = list(Trainer(cfg, data=embedded).epochs())
+    assert [m["mask_refreshes"] for m in metrics] == [1, 1, 2]  # epochs 0 and 2
+    cfg = config_from_dict(tiny("ssam_random", train={"epochs": 2}, method={"fixed_mask": True}))
+    metrics = list(Trainer(cfg, data=embedded).epochs())
+    assert [m["mask_refreshes"] for m in metrics] == [1, 1]
+    assert metrics[-1]["mask_overlap"] is None  # never replaced
+
+
+def test_diverging_run_ends_as_diverged(embedded):
+    cfg = config_from_dict(tiny("sam", train={"epochs": 3, "lr": 90.0, "momentum": 0.99}))
+    metrics = list(Trainer(cfg, data=embedded).epochs())
+    assert metrics[-1]["status"] == "diverged"
+    assert len(metrics) <= 3
+
+
+def test_same_seed_same_run_and_paired_init(embedded):
+    a = Trainer(config_from_dict(tiny("sam", train={"epochs": 1})), data=embedded)
+    b = Trainer(config_from_dict(tiny("ssam_f", train={"epochs": 1})), data=embedded)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)  # paired seeds: same initialisation across methods
+    c = Trainer(config_from_dict(tiny("sam", train={"epochs": 1})), data=embedded)
+    ma, mc = next(a.epochs()), next(c.epochs())
+    assert {k: v for k, v in ma.items() if k not in TIMING} == {k: v for k, v in mc.items() if k not in TIMING}
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "ssam_tune.train", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _non_timing(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+@pytest.mark.parametrize("method", ["ssam_d", "ssam_f"])
+def test_resume_in_fresh_process_is_bit_exact(method, tmp_path):
+    cfg = tiny(method, train={"epochs": 3}, data={"train_size": 512})
+    cfg["method"]["N_F"] = 32
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    full = _cli("c.yaml", "--out", "full", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    part = _cli("c.yaml", "--out", "part", "--stop-after", "1", cwd=tmp_path)
+    assert part.returncode == 0, part.stderr
+    assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["epoch"] == 1
+    rest = _cli("c.yaml", "--out", "part", "--resume", cwd=tmp_path)
+    assert rest.returncode == 0, rest.stderr
+    assert "resumed from" in rest.stdout
+    a, b = _non_timing(tmp_path / "full" / "metrics.jsonl"), _non_timing(tmp_path / "part" / "metrics.jsonl")
+    assert len(a) == len(b) == 3
+    assert a == b
+    sa = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    sb = load_checkpoint(tmp_path / "part" / "checkpoint.pt")["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # outputs of a CLI run: TensorBoard events, final metrics, resolved config
+    assert list((tmp_path / "full" / "tb").glob("events.out.tfevents.*"))
+    final = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert final["status"] == "completed" and final["final"]["epoch"] == 3
+    assert yaml.safe_load((tmp_path / "full" / "config.yaml").read_text())["method"]["name"] == method
+
+
+def test_cli_rejects_bad_config_and_missing_data(tmp_path):
+    (tmp_path / "bad.yaml").write_text("method:\n  rho: -1\n")
+    r = _cli("bad.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "method.rho" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "typo.yaml").write_text("train:\n  epoch: 3\n")
+    r = _cli("typo.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "train.epoch: unknown key" in r.stderr
+    (tmp_path / "cifar.yaml").write_text(f"data:\n  name: cifar10\n  root: {tmp_path / 'nodata'}\n")
+    r = _cli("cifar.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and str(tmp_path / "nodata") in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written
