@@ -1,0 +1,243 @@
+"""`python -m ssam_tune.run SPACE.yaml`: a search (or a list of cases) on Ray Tune.
+
+    python -m ssam_tune.run SPACE.yaml [--address ADDR] [--storage PATH] [--name NAME]
+                                       [--resume] [--num-samples N] [--smoke] [--dry-run]
+
+The space is validated before Ray starts (exit code 2, nothing started or written). The Ray
+experiment goes to ``<storage>/<name>`` (default storage: ``results/ray``), the exports to
+``results/<name>/``. ``--resume`` finishes an experiment whose driver was killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from ssam_tune.config import ConfigError
+from ssam_tune.space import NAME_RE, SearchSpace, load_space, smoke
+
+__all__ = ["main", "run_search", "space_to_dict"]
+
+RESULTS = Path("results")
+SPACE_FILE = "space.yaml"
+JOURNAL_FILE = "optuna.journal"
+
+
+def space_to_dict(space: SearchSpace) -> dict:
+    """A YAML dict that :func:`load_space` reads back into the same space."""
+    out = {"name": space.name, **copy.deepcopy(space.base)}
+    if space.search:
+        out["search"] = {}
+        for d in space.search:
+            spec = {"type": d.type}
+            if d.type == "choice":
+                spec["values"] = list(d.values)
+            else:
+                spec.update(low=d.low, high=d.high)
+                if d.step is not None:
+                    spec["step"] = d.step
+            out["search"][d.key] = spec
+    else:
+        out["cases"] = copy.deepcopy(space.cases)
+        out["seeds"] = list(space.seeds)
+    t = space.tune
+    out["tune"] = {
+        "num_samples": t.num_samples, "objective": t.objective, "flops": t.flops, "sampler": t.sampler,
+        "n_startup_trials": t.n_startup_trials, "seed": t.seed,
+        "scheduler": {"type": "asha", "grace_period": t.grace_period, "reduction_factor": t.reduction_factor}
+        if t.scheduler == "asha" else "none",
+        "baselines": list(t.baselines) or False, "resources": {"cpu": t.cpu, "gpu": t.gpu},
+        "max_concurrent_trials": t.max_concurrent_trials, "time_budget_s": t.time_budget_s,
+        "storage_path": t.storage_path, "max_failures": t.max_failures, "keep_checkpoints": t.keep_checkpoints,
+    }
+    if t.confirm_top_k:
+        out["tune"]["confirm"] = {"top_k": t.confirm_top_k, "seeds": list(t.confirm_seeds)}
+    if space.mode == "cases":
+        for key in ("num_samples", "baselines"):
+            out["tune"].pop(key)
+    return out
+
+
+def _trial_name(trial) -> str:
+    meta = trial.config.get("ssam_tune", {})
+    return f"{meta.get('label', 'trial').replace('/', '_')}_{trial.trial_id}"
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def describe(space: SearchSpace) -> str:
+    """The resolved space and the trial budget (``--dry-run``)."""
+    t = space.tune
+    lines = [f"experiment: {space.name}  (from {space.source})", "fixed training config:"]
+    lines += ["  " + line for line in yaml.safe_dump(space.base, sort_keys=False).splitlines()]
+    if space.search:
+        lines.append("search (define-by-run; conditional keys only for the methods that use them):")
+        lines += [f"  {d.key}: {d.describe()}" for d in space.search]
+    fixed = space.fixed_trials()
+    lines.append(f"fixed trials ({'cases x seeds' if space.mode == 'cases' else 'baselines'}): "
+                 f"{', '.join(label for label, _ in fixed) or 'none'}")
+    sampled = t.num_samples if space.mode == "search" else 0
+    lines.append(f"trial budget: {len(fixed) + sampled} trials ({len(fixed)} fixed + {sampled} sampled), "
+                 f"{space.epochs} epochs each at most")
+    objective = "validation accuracy (max)" if t.objective == "single" else \
+        f"validation accuracy (max) and {t.flops} FLOPs ({t.flops_metric}, min)"
+    lines.append(f"objective: {objective}; sampler {t.sampler} (seed {t.seed}, {t.n_startup_trials} start-up trials)")
+    if t.scheduler == "asha":
+        rungs, r = [], t.grace_period
+        while r < space.epochs:
+            rungs.append(r)
+            r = int(round(r * t.reduction_factor))
+        lines.append(f"scheduler: ASHA on val_acc, rungs at epochs {rungs}, reduction factor {t.reduction_factor}")
+    else:
+        lines.append("scheduler: none (every trial runs all epochs)")
+    lines.append(f"resources per trial: {t.cpu} CPU, {t.gpu} GPU; max concurrent: {t.max_concurrent_trials or 'auto'}")
+    if t.confirm_top_k:
+        lines.append(f"confirmation: top {t.confirm_top_k} front points x seeds {t.confirm_seeds}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ssam_tune.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("space", help="search-space YAML (see README)")
+    p.add_argument("--address", default=None, help="Ray cluster address to join (default: RAY_ADDRESS, "
+                   "else start a local Ray)")
+    p.add_argument("--storage", default=None, help="experiment storage: a shared path or s3:// URI "
+                   "(default: tune.storage_path, else results/ray)")
+    p.add_argument("--name", default=None, help="experiment name (default: the space's name)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted experiment")
+    p.add_argument("--num-samples", type=int, default=None, help="override tune.num_samples")
+    p.add_argument("--smoke", action="store_true", help="shrink to a few-minute CPU check of the setup")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved space and budget, run nothing")
+    p.add_argument("--results", default=str(RESULTS), help=argparse.SUPPRESS)
+    return p
+
+
+def prepare(args) -> SearchSpace:
+    """Load, override and validate; raises ConfigError."""
+    space = load_space(args.space)
+    if args.name is not None:
+        if not NAME_RE.match(args.name) or ".." in args.name:
+            raise ConfigError("--name", f"must be letters, digits, '_', '-' or '.' and stay inside results/; "
+                              f"got {args.name!r}")
+        space.name = args.name
+    if args.num_samples is not None:
+        if args.num_samples < 1:
+            raise ConfigError("--num-samples", f"must be >= 1, got {args.num_samples}")
+        if space.mode == "cases":
+            raise ConfigError("--num-samples", "a cases space runs every case; num_samples does not apply")
+        space.tune.num_samples = args.num_samples
+    if args.smoke:
+        space = smoke(space)
+        if args.name is not None:
+            space.name = args.name
+    return space
+
+
+def _storage(args, space: SearchSpace) -> str:
+    storage = args.storage or space.tune.storage_path or str(Path(args.results) / "ray")
+    if "://" in storage:
+        return storage.rstrip("/")
+    return str(Path(storage).expanduser().resolve())
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Trials keep the driver's working directory, so relative paths keep working.
+    runtime_env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        # A fresh local instance; its dashboard is off (nothing listens beyond loopback).
+        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+
+
+def run_search(space: SearchSpace, *, storage: str, resume: bool, address: str | None = None,
+               results: str = str(RESULTS)) -> Path:
+    """Run (or resume) the experiment, then write the exports; returns the export folder."""
+    from ray import tune
+
+    from ssam_tune.export import export_experiment
+    from ssam_tune.search import AnchoredASHA, RungStateCallback, SsamSearcher
+    from ssam_tune.trainable import train_trial
+
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    local = "://" not in storage
+    exp_dir = f"{storage}/{space.name}"
+    journal = str(Path(exp_dir) / JOURNAL_FILE) if local else \
+        str(Path("~/.cache/ssam_tune/optuna").expanduser() / f"{space.name}.journal")
+    out = Path(results) / space.name
+    if local:
+        Path(exp_dir).mkdir(parents=True, exist_ok=True)
+        Path(journal).parent.mkdir(parents=True, exist_ok=True)
+        space_file = Path(exp_dir) / SPACE_FILE
+        if not space_file.exists():
+            tmp = space_file.with_suffix(".tmp")
+            tmp.write_text(yaml.safe_dump(space_to_dict(space), sort_keys=False))
+            os.replace(tmp, space_file)
+    _init_ray(address)
+    try:
+        t = space.tune
+        trainable = tune.with_resources(train_trial, {"cpu": t.cpu, "gpu": t.gpu})
+        if resume:
+            tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            scheduler = None
+            if t.scheduler == "asha":
+                scheduler = AnchoredASHA(time_attr="epoch", metric="val_acc", mode="max", max_t=space.epochs,
+                                         grace_period=t.grace_period, reduction_factor=t.reduction_factor)
+            searcher = SsamSearcher(space, journal, exp_dir)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher, scheduler=scheduler, num_samples=space.budget(),
+                    max_concurrent_trials=t.max_concurrent_trials, time_budget_s=t.time_budget_s,
+                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname, reuse_actors=True),
+                run_config=tune.RunConfig(
+                    name=space.name, storage_path=storage, callbacks=[RungStateCallback(scheduler)],
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                    failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=1),
+            )
+        tuner.fit()
+    finally:
+        import ray
+
+        ray.shutdown()
+    export_experiment(exp_dir, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        space = prepare(args)
+        storage = _storage(args, space)
+        if args.dry_run:
+            print(describe(space))
+            return 0
+        exp_dir = f"{storage}/{space.name}"
+        exists = "://" not in storage and (Path(exp_dir) / "tuner.pkl").exists()
+        if args.resume and "://" not in storage and not exists:
+            raise ConfigError("--resume", f"no experiment to resume at {exp_dir}")
+        if not args.resume and exists:
+            raise ConfigError("--name", f"experiment {space.name!r} already exists at {exp_dir}; "
+                              "use --resume to finish it or --name for a new one")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(describe(space))
+    out = run_search(space, storage=storage, resume=args.resume, address=args.address, results=args.results)
+    print(f"exports written to {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,498 @@
+"""Search-space YAML: the fixed training config plus ``search:``/``cases:``, ``seeds:``, ``tune:``.
+
+Everything is validated here, before Ray starts: every error is a one-line
+:class:`~ssam_tune.config.ConfigError` naming the YAML path and the rule. The resolved
+space turns into concrete training configs through :func:`sample_params` (define-by-run:
+conditional parameters are only sampled when the sampled method uses them) and
+:func:`resolve_config`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ssam_tune.config import (SPARSE_METHODS, Config, ConfigError, config_from_dict, config_to_dict,
+                              get_by_path, load_yaml, set_by_path)
+
+__all__ = ["Dist", "SearchSpace", "TuneSettings", "load_space", "resolve_config", "sample_params", "smoke"]
+
+DIST_TYPES = ("uniform", "loguniform", "int", "choice")
+TOP_KEYS = ("name", "seed", "model", "data", "train", "method", "search", "cases", "seeds", "tune")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# Keys that only mean something for some methods (sampled conditionally, define-by-run).
+CONDITIONAL = {
+    "method.N_F": ("ssam_f",),
+    "method.fisher_bn": ("ssam_f",),
+    "method.alpha": ("ssam_d",),
+    "method.drop": ("ssam_d",),
+    "method.sparsity": SPARSE_METHODS,
+    "method.T_m": SPARSE_METHODS,
+    "method.normalize": SPARSE_METHODS,
+    "method.mask_unit": SPARSE_METHODS,
+    "method.fixed_mask": SPARSE_METHODS,
+    "method.rho": ("sam",) + SPARSE_METHODS,
+    "method.bn_second_pass": ("sam",) + SPARSE_METHODS,
+}
+OBJECTIVES = ("single", "multi")
+FLOPS_KINDS = {"theoretical": "flops_theoretical", "executed": "flops_executed", "wall": "train_seconds"}
+SAMPLERS = ("tpe", "nsga2", "random")
+BASELINES = ("sgd", "sam", "ssam")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """One searched key: ``{type: uniform|loguniform|int|choice, low, high, step, values}``."""
+
+    key: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    values: tuple = ()
+
+    def describe(self) -> str:
+        if self.type == "choice":
+            return f"choice {list(self.values)}"
+        step = f" step {self.step}" if self.step else ""
+        return f"{self.type} [{self.low}, {self.high}]{step}"
+
+
+@dataclass
+class TuneSettings:
+    num_samples: int = 20
+    objective: str = "multi"
+    flops: str = "theoretical"
+    sampler: str = "tpe"
+    n_startup_trials: int = 10
+    seed: int = 0
+    scheduler: str = "asha"
+    grace_period: int | None = None  # default: a quarter of the epochs
+    reduction_factor: float = 3.0
+    baselines: list = field(default_factory=lambda: list(BASELINES))
+    cpu: float = 1.0
+    gpu: float = 0.0
+    max_concurrent_trials: int | None = None
+    time_budget_s: float | None = None
+    storage_path: str | None = None
+    max_failures: int = 2
+    keep_checkpoints: int = 2
+    confirm_top_k: int = 0
+    confirm_seeds: list = field(default_factory=list)
+
+    @property
+    def flops_metric(self) -> str:
+        return FLOPS_KINDS[self.flops]
+
+
+@dataclass
+class SearchSpace:
+    name: str
+    source: str
+    base: dict  # the fixed training config (validated, as a plain dict)
+    search: list  # list[Dist]
+    cases: list  # list[dict dotted -> value]
+    seeds: list
+    tune: TuneSettings
+
+    @property
+    def epochs(self) -> int:
+        return int(self.base["train"]["epochs"])
+
+    @property
+    def mode(self) -> str:
+        return "search" if self.search else "cases"
+
+    def fixed_trials(self) -> list[tuple[str, dict]]:
+        """(label, config) of the trials run before (or instead of) the sampler's."""
+        if self.mode == "cases":
+            out = []
+            for i, case in enumerate(self.cases):
+                for seed in self.seeds:
+                    label = case.get("label") or f"case{i}"
+                    params = {k: v for k, v in case.items() if k != "label"}
+                    out.append((f"{label}/seed{seed}", resolve_config(self.base, {**params, "seed": seed})))
+            return out
+        return [(b, resolve_config(self.base, baseline_params(b, self.base))) for b in self.tune.baselines]
+
+    def budget(self) -> int:
+        return len(self.fixed_trials()) + (self.tune.num_samples if self.mode == "search" else 0)
+
+
+def baseline_params(which: str, base: dict) -> dict:
+    """The anchors of every front: SGD (1x), SAM (2x) and the paper's default SSAM
+    (SSAM-F, 50% sparsity, T_m = 1, N_F = 128: Table 1), with the base config's rho."""
+    if which == "sgd":
+        return {"method.name": "sgd"}
+    if which == "sam":
+        return {"method.name": "sam"}
+    return {"method.name": "ssam_f", "method.sparsity": 0.5, "method.T_m": 1, "method.N_F": 128}
+
+
+def resolve_config(base: dict, params: dict) -> dict:
+    """The base config with dotted ``params`` applied, validated, as a nested dict."""
+    data = copy.deepcopy(base)
+    for key, value in params.items():
+        set_by_path(data, key, value)
+    return config_to_dict(config_from_dict(data))
+
+
+def applies(key: str, method: str) -> bool:
+    allowed = CONDITIONAL.get(key)
+    return allowed is None or method in allowed
+
+
+def sample_params(space: SearchSpace, trial) -> dict:
+    """Define-by-run sampling on an Optuna trial: the method first, then only the keys
+    that the sampled method uses (N_F for ssam_f, alpha/drop for ssam_d, ...)."""
+    params: dict[str, Any] = {}
+    dists = {d.key: d for d in space.search}
+    order = sorted(dists, key=lambda k: (k != "method.name", k))
+    method = space.base["method"]["name"]
+    for key in order:
+        d = dists[key]
+        if key != "method.name" and not applies(key, method):
+            continue
+        if d.type == "choice":
+            value = trial.suggest_categorical(key, list(d.values))
+        elif d.type == "int":
+            value = trial.suggest_int(key, int(d.low), int(d.high), step=int(d.step or 1))
+        else:
+            value = trial.suggest_float(key, d.low, d.high, step=d.step, log=d.type == "loguniform")
+        params[key] = value
+        if key == "method.name":
+            method = value
+    return params
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and validation
+# ---------------------------------------------------------------------------------------------
+def _num(value, path, *, integer=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(path, f"must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(path, f"must be finite, got {value!r}")
+    return value
+
+
+def _parse_dist(key: str, spec: Any, base: dict) -> Dist:
+    path = f"search.{key}"
+    if not isinstance(spec, dict):
+        raise ConfigError(path, "must be a mapping like {type: loguniform, low: 0.01, high: 0.5}")
+    unknown = sorted(set(spec) - {"type", "low", "high", "step", "values"})
+    if unknown:
+        raise ConfigError(f"{path}.{unknown[0]}", "unknown key; allowed: type, low, high, step, values")
+    kind = spec.get("type")
+    if kind not in DIST_TYPES:
+        raise ConfigError(f"{path}.type", f"must be one of {', '.join(DIST_TYPES)}; got {kind!r}")
+    try:
+        get_by_path(config_to_dict(Config()), key)
+    except (KeyError, TypeError):
+        raise ConfigError(path, "is not a training config key (use section.key, e.g. method.rho)") from None
+    if key == "seed":
+        raise ConfigError(path, "the seed is not a hyper-parameter; use cases and seeds for repeats")
+    if kind == "choice":
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}.values", "must be a non-empty list")
+        if len({repr(v) for v in values}) != len(values):
+            raise ConfigError(f"{path}.values", "must not repeat a value")
+        for extra in ("low", "high", "step"):
+            if extra in spec:
+                raise ConfigError(f"{path}.{extra}", "only uniform, loguniform and int take low/high/step")
+        for i, v in enumerate(values):
+            _check_value(base, key, v, f"{path}.values[{i}]")
+        return Dist(key, kind, values=tuple(values))
+    if "values" in spec:
+        raise ConfigError(f"{path}.values", "only type choice takes values")
+    for bound in ("low", "high"):
+        if bound not in spec:
+            raise ConfigError(f"{path}.{bound}", "is required")
+    integer = kind == "int"
+    low = _num(spec["low"], f"{path}.low", integer=integer)
+    high = _num(spec["high"], f"{path}.high", integer=integer)
+    if low > high or (low == high and not integer):
+        raise ConfigError(path, f"low < high must hold, got low={low}, high={high}")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{path}.low", f"loguniform needs low > 0, got {low}")
+    step = spec.get("step")
+    if step is not None:
+        if kind == "loguniform":
+            raise ConfigError(f"{path}.step", "loguniform takes no step")
+        step = _num(step, f"{path}.step", integer=integer)
+        if step <= 0:
+            raise ConfigError(f"{path}.step", f"must be > 0, got {step}")
+    _check_value(base, key, low, f"{path}.low")
+    _check_value(base, key, high, f"{path}.high")
+    return Dist(key, kind, float(low) if not integer else int(low), float(high) if not integer else int(high), step)
+
+
+def _check_value(base: dict, key: str, value: Any, path: str) -> None:
+    """A searched value must itself be a valid config value (range rules, choices)."""
+    data = copy.deepcopy(base)
+    set_by_path(data, key, value)
+    try:
+        config_from_dict(data)
+    except ConfigError as err:
+        if err.path == key:
+            raise ConfigError(path, err.rule) from None
+        # a cross-key rule that another value trips (e.g. warmup vs epochs): report it too
+        raise ConfigError(path, f"{err.path}: {err.rule}") from None
+
+
+def _flatten(case: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in case.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k in ("model", "data", "train", "method"):
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def _parse_tune(raw: Any, epochs: int) -> TuneSettings:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("tune", "must be a mapping")
+    t = TuneSettings()
+    allowed = {"num_samples", "objective", "flops", "sampler", "n_startup_trials", "seed", "scheduler",
+               "baselines", "resources", "max_concurrent_trials", "time_budget_s", "storage_path",
+               "max_failures", "keep_checkpoints", "confirm"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"tune.{unknown[0]}", f"unknown key; allowed keys here: {', '.join(sorted(allowed))}")
+
+    def get_int(key, lo, default, path=None):
+        v = raw.get(key, default)
+        if v is None:
+            return None
+        v = _num(v, path or f"tune.{key}", integer=True)
+        if v < lo:
+            raise ConfigError(path or f"tune.{key}", f"must be >= {lo}, got {v}")
+        return v
+
+    def get_choice(key, choices, default):
+        v = raw.get(key, default)
+        if v not in choices:
+            raise ConfigError(f"tune.{key}", f"must be one of {', '.join(choices)}; got {v!r}")
+        return v
+
+    t.num_samples = get_int("num_samples", 1, t.num_samples)
+    t.objective = get_choice("objective", OBJECTIVES, t.objective)
+    t.flops = get_choice("flops", tuple(FLOPS_KINDS), t.flops)
+    t.sampler = get_choice("sampler", SAMPLERS, t.sampler)
+    t.n_startup_trials = get_int("n_startup_trials", 0, t.n_startup_trials)
+    t.seed = get_int("seed", 0, t.seed)
+    t.max_concurrent_trials = get_int("max_concurrent_trials", 1, None)
+    t.max_failures = get_int("max_failures", 0, t.max_failures)
+    t.keep_checkpoints = get_int("keep_checkpoints", 1, t.keep_checkpoints)
+    if t.keep_checkpoints > 2:
+        raise ConfigError("tune.keep_checkpoints", f"must be 1 or 2 (bounded disk use), got {t.keep_checkpoints}")
+    budget = raw.get("time_budget_s")
+    if budget is not None:
+        budget = _num(budget, "tune.time_budget_s")
+        if budget <= 0:
+            raise ConfigError("tune.time_budget_s", f"must be > 0, got {budget}")
+    t.time_budget_s = budget
+    storage = raw.get("storage_path")
+    if storage is not None and (not isinstance(storage, str) or not storage):
+        raise ConfigError("tune.storage_path", f"must be a path or URI string, got {storage!r}")
+    t.storage_path = storage
+
+    sched = raw.get("scheduler", {"type": "asha"})
+    if sched in (None, "none"):
+        sched = {"type": "none"}
+    if sched == "asha":
+        sched = {"type": "asha"}
+    if not isinstance(sched, dict):
+        raise ConfigError("tune.scheduler", "must be none or a mapping like {type: asha, grace_period: 50}")
+    unknown = sorted(set(sched) - {"type", "grace_period", "reduction_factor"})
+    if unknown:
+        raise ConfigError(f"tune.scheduler.{unknown[0]}", "unknown key; allowed: type, grace_period, reduction_factor")
+    if sched.get("type", "asha") not in ("asha", "none"):
+        raise ConfigError("tune.scheduler.type", f"must be asha or none; got {sched.get('type')!r}")
+    t.scheduler = sched.get("type", "asha")
+    if t.scheduler == "asha":
+        grace = sched.get("grace_period", max(1, math.ceil(epochs / 4)))
+        grace = _num(grace, "tune.scheduler.grace_period", integer=True)
+        if not 1 <= grace <= epochs:
+            raise ConfigError("tune.scheduler.grace_period", f"must be between 1 and train.epochs ({epochs}), got {grace}")
+        rf = _num(sched.get("reduction_factor", 3), "tune.scheduler.reduction_factor")
+        if rf <= 1:
+            raise ConfigError("tune.scheduler.reduction_factor", f"must be > 1, got {rf}")
+        t.grace_period, t.reduction_factor = grace, float(rf)
+
+    baselines = raw.get("baselines", list(BASELINES))
+    if baselines in (False, None):
+        baselines = []
+    if baselines is True:
+        baselines = list(BASELINES)
+    if not isinstance(baselines, list) or any(b not in BASELINES for b in baselines):
+        raise ConfigError("tune.baselines", f"must be a list drawn from {', '.join(BASELINES)} (or false); got {baselines!r}")
+    t.baselines = list(dict.fromkeys(baselines))
+
+    res = raw.get("resources", {})
+    if not isinstance(res, dict):
+        raise ConfigError("tune.resources", "must be a mapping like {cpu: 1, gpu: 0.5}")
+    unknown = sorted(set(res) - {"cpu", "gpu"})
+    if unknown:
+        raise ConfigError(f"tune.resources.{unknown[0]}", "unknown key; allowed: cpu, gpu")
+    cpu = _num(res.get("cpu", 1), "tune.resources.cpu")
+    if cpu <= 0:
+        raise ConfigError("tune.resources.cpu", f"must be > 0, got {cpu}")
+    gpu = _num(res.get("gpu", 0), "tune.resources.gpu")
+    if not 0 <= gpu <= 1:
+        raise ConfigError("tune.resources.gpu", f"must be between 0 and 1 (a fraction of one GPU per trial), got {gpu}")
+    t.cpu, t.gpu = float(cpu), float(gpu)
+
+    confirm = raw.get("confirm")
+    if confirm is not None:
+        if not isinstance(confirm, dict):
+            raise ConfigError("tune.confirm", "must be a mapping like {top_k: 3, seeds: [1, 2, 3]}")
+        unknown = sorted(set(confirm) - {"top_k", "seeds"})
+        if unknown:
+            raise ConfigError(f"tune.confirm.{unknown[0]}", "unknown key; allowed: top_k, seeds")
+        t.confirm_top_k = get_int("top_k", 1, 3, path="tune.confirm.top_k") if "top_k" not in confirm else \
+            _num(confirm["top_k"], "tune.confirm.top_k", integer=True)
+        if t.confirm_top_k < 1:
+            raise ConfigError("tune.confirm.top_k", f"must be >= 1, got {t.confirm_top_k}")
+        seeds = confirm.get("seeds", [1, 2, 3])
+        if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
+                                                         for s in seeds):
+            raise ConfigError("tune.confirm.seeds", f"must be a non-empty list of integers >= 0, got {seeds!r}")
+        t.confirm_seeds = seeds
+    return t
+
+
+def load_space(path: str | os.PathLike, *, data: Any = None) -> SearchSpace:
+    """Load and validate a search-space YAML (``data`` instead of reading ``path``)."""
+    source = str(path)
+    try:
+        raw = load_yaml(path) if data is None else data
+        return _parse_space(raw, source, Path(path).stem)
+    except ConfigError as err:
+        raise ConfigError(err.path, err.rule, source) from None
+
+
+def _parse_space(raw: Any, source: str, stem: str) -> SearchSpace:
+    if not isinstance(raw, dict):
+        raise ConfigError("(top level)", "must be a mapping with the training config, search or cases, and tune")
+    unknown = sorted(set(map(str, raw)) - set(TOP_KEYS))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown key; allowed top-level keys: {', '.join(TOP_KEYS)}")
+    name = raw.get("name", stem)
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise ConfigError("name", f"must be letters, digits, '_', '-' or '.', start with a letter or digit and stay "
+                          f"inside results/ (no '/' or '..'); got {name!r}")
+    base_raw = {k: raw[k] for k in ("seed", "model", "data", "train", "method") if k in raw}
+    base_cfg = config_from_dict(base_raw)
+    base = config_to_dict(base_cfg)
+    # Relative paths are taken from the directory the search is launched from, and made
+    # absolute here, so they still work inside trials (whose working directory may differ).
+    if base["data"]["root"] and "://" not in base["data"]["root"]:
+        base["data"]["root"] = str(Path(base["data"]["root"]).expanduser().resolve())
+    if base_cfg.data.name in ("cifar10", "cifar100", "imagefolder") and base["data"]["root"] and \
+            not base_cfg.data.download and not Path(base["data"]["root"]).exists():
+        raise ConfigError("data.root", f"directory not found: {base['data']['root']} (put the data there, or set "
+                          "data.download: true for cifar10/cifar100)")
+
+    search_raw, cases_raw = raw.get("search"), raw.get("cases")
+    if search_raw is not None and cases_raw is not None:
+        raise ConfigError("cases", "give either search (a sampled space) or cases (an explicit list), not both")
+    if search_raw is None and cases_raw is None:
+        raise ConfigError("search", "is required (or cases): nothing to search")
+    tune = _parse_tune(raw.get("tune"), base_cfg.train.epochs)
+    search, cases = [], []
+    if search_raw is not None:
+        if not isinstance(search_raw, dict) or not search_raw:
+            raise ConfigError("search", "must be a non-empty mapping of config keys to distributions")
+        if base_cfg.data.val_fraction <= 0:
+            raise ConfigError("data.val_fraction", "a search selects on validation accuracy; must be > 0 "
+                              "(for example 0.1)")
+        search = [_parse_dist(str(k), v, base) for k, v in search_raw.items()]
+        _check_conditionals(search, base)
+        if "seeds" in raw:
+            raise ConfigError("seeds", "only applies to cases; a search samples configs once each "
+                              "(use tune.confirm for seeds of the winners)")
+    else:
+        if not isinstance(cases_raw, list) or not cases_raw:
+            raise ConfigError("cases", "must be a non-empty list of config overrides")
+        seeds = raw.get("seeds", [base_cfg.seed])
+        if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
+                                                         for s in seeds):
+            raise ConfigError("seeds", f"must be a non-empty list of integers >= 0, got {seeds!r}")
+        for i, case in enumerate(cases_raw):
+            if not isinstance(case, dict) or not case:
+                raise ConfigError(f"cases[{i}]", "must be a non-empty mapping of config keys to values")
+            flat = _flatten(case)
+            label = flat.get("label")
+            if label is not None and (not isinstance(label, str) or not NAME_RE.match(label)):
+                raise ConfigError(f"cases[{i}].label", f"must be a short name of letters, digits, '_', '-', '.'; "
+                                  f"got {label!r}")
+            for key, value in flat.items():
+                if key == "label":
+                    continue
+                data = copy.deepcopy(base)
+                try:
+                    set_by_path(data, key, value)
+                    config_from_dict(data)
+                except ConfigError as err:
+                    raise ConfigError(f"cases[{i}].{err.path}", err.rule) from None
+            cases.append(flat)
+        tune.baselines = []
+        tune.num_samples = len(cases) * len(seeds)
+    return SearchSpace(name=name, source=source, base=base, search=search, cases=cases,
+                       seeds=raw.get("seeds", [base_cfg.seed]) if cases else [], tune=tune)
+
+
+def _check_conditionals(search: list, base: dict) -> None:
+    dists = {d.key: d for d in search}
+    methods = list(dists["method.name"].values) if "method.name" in dists else [base["method"]["name"]]
+    for d in search:
+        allowed = CONDITIONAL.get(d.key)
+        if allowed and not any(m in allowed for m in methods):
+            raise ConfigError(f"search.{d.key}", f"only applies to method {' or '.join(allowed)}, but the method is "
+                              f"{' or '.join(methods)}; remove it or search method.name")
+
+
+def smoke(space: SearchSpace) -> SearchSpace:
+    """Shrink any space to a CPU check of a few minutes: a small stand-in model on the
+    embedded data, 2 epochs, a handful of trials."""
+    s = copy.deepcopy(space)
+    b = s.base
+    if b["model"]["name"] in ("resnet50", "wrn28_10"):
+        b["model"]["name"] = "resnet18"
+    b["model"]["width"] = 0.125 if b["model"]["name"] != "resnet50" else 1.0
+    b["data"].update({"name": "embedded", "root": None, "download": False, "train_size": 512, "augment": None,
+                      "val_fraction": max(0.1, b["data"]["val_fraction"])})
+    b["train"].update({"epochs": 2, "batch_size": 64, "eval_batch_size": 256, "warmup_epochs": 0,
+                       "device": "auto", "max_steps_per_epoch": None})
+    if b["method"]["N_F"] > 64:
+        b["method"]["N_F"] = 64
+    s.search = [d if d.key != "method.N_F" else Dist(d.key, "choice", values=(16, 64)) for d in s.search]
+    s.search = [d for d in s.search if not d.key.startswith(("model.", "data.", "train.epochs", "train.batch"))]
+    t = s.tune
+    t.num_samples = min(t.num_samples, 4)
+    t.n_startup_trials = min(t.n_startup_trials, 2)
+    t.grace_period = 1
+    t.cpu, t.gpu = 1.0, 0.0
+    t.max_concurrent_trials = 2
+    t.time_budget_s = None
+    t.confirm_top_k, t.confirm_seeds = 0, []
+    if s.mode == "cases":
+        s.cases = s.cases[:4]
+        s.seeds = s.seeds[:1]
+        t.num_samples = len(s.cases)
+    s.name = f"{space.name}-smoke"
+    # re-validate every fixed trial of the shrunk space
+    s.fixed_trials()
+    return s
