@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -120,8 +121,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def prepare(args) -> SearchSpace:
-    """Load, override and validate; raises ConfigError."""
-    space = load_space(args.space)
+    """Load, override and validate; raises ConfigError. A dry run or a smoke run does not
+    require the data directories to exist (a smoke run uses the embedded data)."""
+    space = load_space(args.space, check_paths=not (args.dry_run or args.smoke))
     if args.name is not None:
         if not NAME_RE.match(args.name) or ".." in args.name:
             raise ConfigError("--name", f"must be letters, digits, '_', '-' or '.' and stay inside results/; "
@@ -160,9 +162,46 @@ def _init_ray(address: str | None) -> None:
         ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
 
 
+def confirmation_space(space: SearchSpace, runs: list[tuple[str, dict]]) -> SearchSpace:
+    """The confirmation experiment: the chosen front points as cases, crossed with the
+    confirmation seeds, every trial at full fidelity (no scheduler, no anchors)."""
+    cases: dict[str, dict] = {}
+    for label, cfg in runs:
+        flat = {f"{section}.{k}": v for section in ("model", "data", "train", "method")
+                for k, v in cfg[section].items()}
+        cases[label.split("/seed")[0]] = flat
+    t = dataclasses.replace(space.tune, scheduler="none", baselines=[], confirm_top_k=0, confirm_seeds=[],
+                            num_samples=len(cases) * len(space.tune.confirm_seeds))
+    return SearchSpace(name=f"{space.name}-confirm", source=space.source, base=space.base, search=[],
+                       cases=[{"label": label, **flat} for label, flat in cases.items()],
+                       seeds=list(space.tune.confirm_seeds), tune=t)
+
+
 def run_search(space: SearchSpace, *, storage: str, resume: bool, address: str | None = None,
                results: str = str(RESULTS)) -> Path:
-    """Run (or resume) the experiment, then write the exports; returns the export folder."""
+    """Run (or resume) the experiment, write the exports, then run the confirmation step
+    (``tune.confirm``) if asked; returns the export folder."""
+    out = _run_experiment(space, storage=storage, resume=resume, address=address, results=results)
+    t = space.tune
+    if t.confirm_top_k:
+        from ssam_tune.export import confirm_cases, export_confirmation
+
+        runs = confirm_cases(f"{storage}/{space.name}", t.confirm_top_k, t.confirm_seeds)
+        if not runs:
+            print("confirmation skipped: no completed trial on the front")
+            return out
+        cspace = confirmation_space(space, runs)
+        cdir = f"{storage}/{cspace.name}"
+        again = "://" not in storage and (Path(cdir) / "tuner.pkl").exists()
+        print(f"confirming {len(cspace.cases)} front point(s) with seeds {cspace.seeds}")
+        _run_experiment(cspace, storage=storage, resume=again, address=address, results=results)
+        export_confirmation(cdir, out)
+    return out
+
+
+def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: str | None,
+                    results: str) -> Path:
+    """Run (or resume) one Ray Tune experiment, then write its exports."""
     from ray import tune
 
     from ssam_tune.export import export_experiment
@@ -193,7 +232,8 @@ def run_search(space: SearchSpace, *, storage: str, resume: bool, address: str |
             scheduler = None
             if t.scheduler == "asha":
                 scheduler = AnchoredASHA(time_attr="epoch", metric="val_acc", mode="max", max_t=space.epochs,
-                                         grace_period=t.grace_period, reduction_factor=t.reduction_factor)
+                                         grace_period=t.grace_period, reduction_factor=t.reduction_factor,
+                                         exp_dir=exp_dir)
             searcher = SsamSearcher(space, journal, exp_dir)
             tuner = tune.Tuner(
                 trainable,
@@ -211,8 +251,23 @@ def run_search(space: SearchSpace, *, storage: str, resume: bool, address: str |
         import ray
 
         ray.shutdown()
+    if space.mode == "search" and Path(journal).exists():
+        _close_orphans(journal, space)
     export_experiment(exp_dir, out)
     return out
+
+
+def _close_orphans(journal: str, space: SearchSpace) -> None:
+    """After fit() every trial Ray knows has finished: an Optuna trial still RUNNING was
+    asked by a driver that was killed before Ray recorded it. Mark it failed (orphaned)."""
+    import optuna
+
+    from ssam_tune.search import open_study
+
+    study = open_study(journal, space.name, space.tune.objective)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(trial._trial_id, "status", "orphaned")
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
 def main(argv: list[str] | None = None) -> int:

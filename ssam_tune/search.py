@@ -19,7 +19,9 @@ and can be opened with ``optuna-dashboard``.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import pickle
 from typing import Any
 
@@ -33,7 +35,6 @@ from ssam_tune.space import SearchSpace, resolve_config, sample_params
 __all__ = ["AnchoredASHA", "RungStateCallback", "SsamSearcher", "make_sampler", "open_study"]
 
 log = logging.getLogger(__name__)
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "Using an existing study" chatter
 META = "ssam_tune"  # key of the trial config that carries our bookkeeping
 
 
@@ -53,6 +54,7 @@ def open_study(journal_path: str, name: str, objective: str, sampler=None) -> op
     # The open-lock works on NFS too (the experiment directory of a cluster).
     backend = JournalFileBackend(journal_path, lock_obj=JournalFileOpenLock(journal_path))
     directions = ["maximize"] if objective == "single" else ["maximize", "minimize"]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "Using an existing study" chatter
     return optuna.create_study(storage=JournalStorage(backend), study_name=name, directions=directions,
                                sampler=sampler, load_if_exists=True)
 
@@ -194,13 +196,35 @@ class SsamSearcher(Searcher):
 
 class AnchoredASHA(ASHAScheduler):
     """ASHA on validation accuracy over epochs, except that anchor trials (the SGD/SAM/SSAM
-    baselines every front needs) always run to full fidelity."""
+    baselines every front needs) always run to full fidelity.
+
+    With ``exp_dir`` it keeps a readable copy of its rungs in ``<exp_dir>/asha_rungs.json``.
+    """
+
+    def __init__(self, *args, exp_dir: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.exp_dir = exp_dir
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
+        self._write_rungs()
         if action == TrialScheduler.STOP and trial.config.get(META, {}).get("anchor"):
             return TrialScheduler.CONTINUE
         return action
+
+    def _write_rungs(self) -> None:
+        if not self.exp_dir or "://" in self.exp_dir or not os.path.isdir(self.exp_dir):
+            return
+        state = self.rung_state()
+        readable = {"num_stopped": state["num_stopped"],
+                    "rungs": [{str(m): rec for m, rec in bracket} for bracket in state["rungs"]]}
+        path = os.path.join(self.exp_dir, "asha_rungs.json")
+        try:
+            with open(path + ".tmp", "w") as fh:
+                json.dump(readable, fh, indent=1, sort_keys=True)
+            os.replace(path + ".tmp", path)
+        except OSError as err:  # a read-only or vanished folder must not stop the search
+            log.warning("could not write %s: %s", path, err)
 
     def rung_state(self) -> dict:
         return {"rungs": [[(m, dict(rec)) for m, rec in b._rungs] for b in self._brackets],

@@ -373,17 +373,19 @@ def _parse_tune(raw: Any, epochs: int) -> TuneSettings:
     return t
 
 
-def load_space(path: str | os.PathLike, *, data: Any = None) -> SearchSpace:
-    """Load and validate a search-space YAML (``data`` instead of reading ``path``)."""
+def load_space(path: str | os.PathLike, *, data: Any = None, check_paths: bool = True) -> SearchSpace:
+    """Load and validate a search-space YAML (``data`` instead of reading ``path``).
+
+    ``check_paths`` also requires ``data.root`` to exist unless the data is downloaded."""
     source = str(path)
     try:
         raw = load_yaml(path) if data is None else data
-        return _parse_space(raw, source, Path(path).stem)
+        return _parse_space(raw, source, Path(path).stem, check_paths)
     except ConfigError as err:
         raise ConfigError(err.path, err.rule, source) from None
 
 
-def _parse_space(raw: Any, source: str, stem: str) -> SearchSpace:
+def _parse_space(raw: Any, source: str, stem: str, check_paths: bool = True) -> SearchSpace:
     if not isinstance(raw, dict):
         raise ConfigError("(top level)", "must be a mapping with the training config, search or cases, and tune")
     unknown = sorted(set(map(str, raw)) - set(TOP_KEYS))
@@ -400,7 +402,7 @@ def _parse_space(raw: Any, source: str, stem: str) -> SearchSpace:
     # absolute here, so they still work inside trials (whose working directory may differ).
     if base["data"]["root"] and "://" not in base["data"]["root"]:
         base["data"]["root"] = str(Path(base["data"]["root"]).expanduser().resolve())
-    if base_cfg.data.name in ("cifar10", "cifar100", "imagefolder") and base["data"]["root"] and \
+    if check_paths and base_cfg.data.name in ("cifar10", "cifar100", "imagefolder") and base["data"]["root"] and \
             not base_cfg.data.download and not Path(base["data"]["root"]).exists():
         raise ConfigError("data.root", f"directory not found: {base['data']['root']} (put the data there, or set "
                           "data.download: true for cifar10/cifar100)")
@@ -471,7 +473,7 @@ def smoke(space: SearchSpace) -> SearchSpace:
     b = s.base
     if b["model"]["name"] in ("resnet50", "wrn28_10"):
         b["model"]["name"] = "resnet18"
-    b["model"]["width"] = 0.125 if b["model"]["name"] != "resnet50" else 1.0
+    b["model"]["width"] = 0.125
     b["data"].update({"name": "embedded", "root": None, "download": False, "train_size": 512, "augment": None,
                       "val_fraction": max(0.1, b["data"]["val_fraction"])})
     b["train"].update({"epochs": 2, "batch_size": 64, "eval_batch_size": 256, "warmup_epochs": 0,

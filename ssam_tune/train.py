@@ -367,6 +367,7 @@ class Trainer:
             self.tracker["train_seconds"] += seconds
             if not math.isnan(val_acc) and val_acc > self.tracker["best_val_acc"]:
                 self.tracker["best_val_acc"], self.tracker["best_epoch"] = val_acc, self.epoch
+                self.tracker["test_acc_at_best"] = test_acc  # reported, never used to select
             tr = self.tracker
             done = self.epoch >= self.cfg.train.epochs
             metrics = {
@@ -387,6 +388,7 @@ class Trainer:
                 "flops_steps_executed": tr["flops_executed"],
                 "best_val_acc": tr["best_val_acc"] if tr["best_val_acc"] >= 0 else float("nan"),
                 "best_epoch": tr["best_epoch"],
+                "test_acc_at_best": tr.get("test_acc_at_best", float("nan")),
                 "train_seconds": tr["train_seconds"],
                 "status": "completed" if done else "running",
             }

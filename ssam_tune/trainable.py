@@ -95,6 +95,9 @@ def train_trial(config: dict) -> None:
     """Function trainable: ``config = {"ssam_tune": bookkeeping, "config": training config}``."""
     meta = config.get(META, {})
     cfg = config_from_dict(config["config"])
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
     trainer = Trainer(cfg, data=_data_for(cfg), device=_device(cfg))
     own_dir = None
     exp_dir = meta.get("exp_dir")
@@ -113,6 +116,8 @@ def train_trial(config: dict) -> None:
     for metrics in trainer.epochs():
         metrics = _clean(metrics)
         metrics["label"] = meta.get("label", "")
+        metrics["device"] = str(trainer.device)
+        metrics["node_id"] = node_id
         if metrics.get("status") == "diverged":
             tune.report(metrics)
             return

@@ -1,0 +1,191 @@
+"""Whole training-step time: SGD (1 forward/backward) vs SAM and SSAM (2 forward/backward).
+
+Model: CIFAR ResNet-18 at reduced width (default 0.25 on CPU, 1.0 with --device cuda),
+train mode, batch of 64 random 32x32 images with random labels (the same batch every step).
+Each variant has its own copy of the same initial model and its own optimizer:
+
+- ``SGD``:  loss.backward(); SGD.step()
+- ``SAM``:  loss.backward(); first_step(zero_grad=True); loss.backward(); second_step(zero_grad=True)
+- ``SSAM``: the same with a 50% random mask (ssam_tune.masks.random_mask, normalize="full")
+
+Base optimizer everywhere: SGD(lr=0.05, momentum=0.9, weight_decay=5e-4). Rounds of
+interleaved blocks (the order rotates every round); median ms/step per variant and ratios as
+the median of per-round ratios. No assertion on the numbers.
+
+    .venv/bin/python benchmarks/bench_step.py              # CPU, writes bench_step.txt
+    .venv/bin/python benchmarks/bench_step.py --quick      # smoke run (stdout only)
+    .venv/bin/python benchmarks/bench_step.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ssam_tune import SAM, SSAM
+from ssam_tune.masks import random_mask
+from ssam_tune.models import build_model, count_params
+
+HERE = Path(__file__).resolve().parent
+NAME = Path(__file__).stem
+BASE = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
+RHO = 0.05
+
+
+class Tee:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, *parts) -> None:
+        line = " ".join(str(p) for p in parts)
+        print(line, flush=True)
+        self.lines.append(line)
+
+
+def header(out: Tee, device: torch.device) -> None:
+    out(f"# {NAME}  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
+    out(f"# torch {torch.__version__}, python {platform.python_version()}, "
+        f"os.cpu_count()={os.cpu_count()}, torch threads={torch.get_num_threads()}")
+    if device.type == "cuda":
+        out(f"# device: cuda ({torch.cuda.get_device_name(device)})")
+    else:
+        out(f"# device: cpu ({platform.processor() or platform.machine()}, "
+            f"capability {torch.backends.cpu.get_cpu_capability()})")
+    out(f"# command: {' '.join([Path(sys.argv[0]).name] + sys.argv[1:])}")
+    import ssam_tune
+    out(f"# ssam_tune: {Path(ssam_tune.__file__).parent}")
+
+
+def out_path(args) -> Path | None:
+    if args.out == "-":
+        return None
+    if args.out:
+        return Path(args.out)
+    if args.quick:
+        return None
+    return HERE / (f"{NAME}.txt" if args.device == "cpu" else f"{NAME}_{args.device}.txt")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_steps(model, x, y, sparsity: float, seed: int):
+    """One step function per variant, each on its own copy of ``model``."""
+    steps = {}
+
+    m_sgd = copy.deepcopy(model)
+    sgd = torch.optim.SGD(m_sgd.parameters(), **BASE)
+
+    def sgd_step():
+        F.cross_entropy(m_sgd(x), y).backward()
+        sgd.step()
+        sgd.zero_grad(set_to_none=True)
+
+    steps["SGD"] = sgd_step
+
+    def sam_like(opt, m):
+        def step():
+            F.cross_entropy(m(x), y).backward()
+            opt.first_step(zero_grad=True)
+            F.cross_entropy(m(x), y).backward()
+            opt.second_step(zero_grad=True)
+        return step
+
+    m_sam = copy.deepcopy(model)
+    steps["SAM"] = sam_like(SAM(m_sam.parameters(), torch.optim.SGD, rho=RHO, **BASE), m_sam)
+
+    m_ssam = copy.deepcopy(model)
+    ssam = SSAM(m_ssam.parameters(), torch.optim.SGD, rho=RHO, sparsity=sparsity, normalize="full", **BASE)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    ssam.set_masks(random_mask(ssam.params(), sparsity, gen))
+    steps["SSAM"] = sam_like(ssam, m_ssam)
+    return steps
+
+
+def time_block(step, n: int, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync(device)
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 1 step")
+    ap.add_argument("--width", type=float, default=None, help="ResNet-18 width (default 0.25 on "
+                    "CPU, 1.0 on CUDA)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the "
+                    "2-core machine is shared, and 2 OpenMP threads next to a busy core time "
+                    "erratically; 0 keeps torch's default)")
+    ap.add_argument("--out", default=None, help="output file ('-' for stdout only; default "
+                    f"benchmarks/{NAME}.txt for a full CPU run)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but CUDA is not available")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    gpu = device.type == "cuda"
+    width = args.width if args.width is not None else (1.0 if gpu else 0.25)
+    if args.quick:
+        rounds, per_block = 2, 1
+    else:
+        rounds, per_block = args.rounds or (15 if gpu else 41), (10 if gpu else 2)
+
+    out = Tee()
+    header(out, device)
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, width=width).to(device).train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+    steps = make_steps(model, x, y, sparsity=0.5, seed=2)
+    names = list(steps)
+    for name in names:  # warm-up: allocator, momentum buffers, backups, cuDNN/oneDNN choices
+        time_block(steps[name], 2, device)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            times[name].append(time_block(steps[name], per_block, device))
+
+    def ratio(a, b):
+        return statistics.median(u / v for u, v in zip(times[a], times[b]))
+
+    out(f"\n## resnet18 width {width} ({count_params(model) / 1e6:.2f}M parameters), batch {args.batch}, "
+        f"32x32 random data, train mode; {rounds} rounds x {per_block} steps per variant (interleaved)")
+    out(f"{'variant':<8}{'median ms/step':>16}{'min':>10}{'max':>10}   forward/backward passes")
+    passes = {"SGD": 1, "SAM": 2, "SSAM": 2}
+    for name in names:
+        out(f"{name:<8}{statistics.median(times[name]):>16.2f}{min(times[name]):>10.2f}"
+            f"{max(times[name]):>10.2f}   {passes[name]}")
+    sam_sgd, ssam_sam = ratio("SAM", "SGD"), ratio("SSAM", "SAM")
+    out("ratios (median of per-round ratios):")
+    out(f"  SAM/SGD    {sam_sgd:7.3f}   (2 forward/backward passes: about 2 expected)")
+    out(f"  SSAM/SAM   {ssam_sam:7.3f}   (target <= 1.05)")
+    out(f"target SSAM/SAM <= 1.05: {'met' if ssam_sam <= 1.05 else 'NOT met'}")
+    path = out_path(args)
+    if path is not None:
+        path.write_text("\n".join(out.lines) + "\n")
+        print(f"(written to {path})")
+
+
+if __name__ == "__main__":
+    main()

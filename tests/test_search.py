@@ -1,0 +1,193 @@
+"""Real searches on a real local Ray: end to end, SIGKILL + resume, and a multi-node cluster.
+
+The test-only space (tests/spaces/fast.yaml) has epochs of about a second on a CPU.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ssam_tune.search import open_study
+
+HERE = Path(__file__).parent
+FAST = HERE / "spaces" / "fast.yaml"
+
+
+def _run_cli(args, cwd, **kw):
+    return subprocess.run([sys.executable, "-m", "ssam_tune.run", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=900, **kw)
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _epochs(trial_dir: Path) -> list[int]:
+    f = trial_dir / "result.json"
+    return [json.loads(line)["epoch"] for line in f.read_text().splitlines()] if f.exists() else []
+
+
+def _dominates(a, b):
+    return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    r = _run_cli([str(FAST), "--storage", str(root / "ray"), "--results", str(root)], cwd=root)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return root
+
+
+def test_end_to_end_search(finished_search):
+    root = finished_search
+    exp, out = root / "ray" / "fast", root / "fast"
+    trials = _rows(out / "trials.csv")
+    assert len(trials) == 9 and len({t["trial_id"] for t in trials}) == 9  # 3 baselines + 6 sampled
+    statuses = {t["status"] for t in trials}
+    assert "pruned" in statuses and "completed" in statuses
+    for t in trials:  # the anchors always run to full fidelity
+        if t["label"] in ("sgd", "sam", "ssam"):
+            assert t["status"] == "completed"
+    front = _rows(out / "pareto.csv")
+    assert len(front) >= 2
+    by_id = {t["trial_id"]: t for t in trials}
+    points = []
+    for p in front:
+        t = by_id[p["trial_id"]]
+        assert t["status"] == "completed" and int(t["epochs_reached"]) == 4
+        points.append((float(t["val_acc"]), float(t["flops_theoretical"])))
+    for a in points:
+        assert not any(_dominates(b, a) for b in points)
+    completed = [(float(t["val_acc"]), float(t["flops_theoretical"])) for t in trials if t["status"] == "completed"]
+    for a in points:  # nothing completed dominates a front point
+        assert not any(_dominates(b, a) for b in completed)
+    for name in ("pareto.json", "pareto.png", "best_config.yaml", "summary.md"):
+        assert (out / name).stat().st_size > 0
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_early_stopped_trials_are_pruned_in_optuna(finished_search):
+    exp = finished_search / "ray" / "fast"
+    study = open_study(str(exp / "optuna.journal"), "fast", "multi")
+    states = {t.number: (t.state.name, t.user_attrs.get("status")) for t in study.trials}
+    assert len(states) == 6
+    pruned = [n for n, (s, _) in states.items() if s == "PRUNED"]
+    assert pruned and all(states[n][1] == "pruned" for n in pruned)
+    for t in study.trials:
+        if t.state.name == "COMPLETE":
+            ray_dir = exp / f"trial_{t.user_attrs['ray_trial_id']}"
+            assert max(_epochs(ray_dir)) == 4  # complete only at full fidelity
+        if t.state.name == "PRUNED":
+            assert max(_epochs(exp / f"trial_{t.user_attrs['ray_trial_id']}")) < 4
+    assert all(not (t.values and t.state.name == "COMPLETE" and max(_epochs(exp / f"trial_{t.user_attrs['ray_trial_id']}")) < 4)
+               for t in study.trials)
+
+
+def test_best_config_reruns(finished_search, tmp_path):
+    best = finished_search / "fast" / "best_config.yaml"
+    r = subprocess.run([sys.executable, "-m", "ssam_tune.train", str(best), "--set", "train.epochs=1",
+                        "--out", str(tmp_path / "rerun")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "rerun" / "metrics.json").read_text())["status"] == "completed"
+
+
+def test_existing_experiment_needs_resume(finished_search):
+    r = _run_cli([str(FAST), "--storage", str(finished_search / "ray"), "--results", str(finished_search)],
+                 cwd=finished_search)
+    assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def _wait_for(predicate, timeout):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_sigkill_driver_then_resume(tmp_path):
+    space = yaml.safe_load(FAST.read_text())
+    space["train"]["epochs"] = 6
+    space["tune"]["scheduler"]["grace_period"] = 2
+    (tmp_path / "kill.yaml").write_text(yaml.safe_dump(space))
+    args = ["kill.yaml", "--storage", str(tmp_path / "ray"), "--results", str(tmp_path)]
+    exp = tmp_path / "ray" / "fast"
+    driver = subprocess.Popen([sys.executable, "-m", "ssam_tune.run", *args], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def rung_records():
+        f = exp / "asha_rungs.json"
+        if not f.exists():
+            return {}
+        data = json.loads(f.read_text())
+        return {(m, t): v for bracket in data["rungs"] for m, rec in bracket.items() for t, v in rec.items()}
+
+    def mid_search():
+        return len(list(exp.glob("checkpoints/*/checkpoint.pt"))) >= 4 and len(rung_records()) >= 3
+
+    try:
+        assert _wait_for(mid_search, 600), "search never reached the kill point"
+        before_rungs = rung_records()
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray, no clean-up
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    r = _run_cli([*args, "--resume"], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # ASHA's rung records from before the kill are still there
+    after_rungs = rung_records()
+    assert set(before_rungs) <= set(after_rungs)
+    trials = _rows(tmp_path / "fast" / "trials.csv")
+    ids = [t["trial_id"] for t in trials]
+    assert len(ids) == len(set(ids)) == 9  # every trial once
+    assert all(t["status"] in ("completed", "pruned") for t in trials)
+    for trial_id in ids:
+        epochs = _epochs(exp / f"trial_{trial_id}")
+        # never restarted from scratch: epochs only go up (a finished trial may repeat its last)
+        assert all(b > a or (b == a == epochs[-1]) for a, b in zip(epochs, epochs[1:])), (trial_id, epochs)
+    assert "resumed at epoch" in r.stdout + r.stderr
+    study = open_study(str(exp / "optuna.journal"), "fast", "multi")
+    assert all(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in study.trials)  # none left running
+
+
+def test_fractional_gpus_on_a_multi_node_cluster(tmp_path, monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    from ssam_tune.run import run_search
+    from ssam_tune.space import load_space
+
+    space = yaml.safe_load(FAST.read_text())
+    space["tune"].update(num_samples=2, baselines=["sgd", "sam"], resources={"cpu": 1, "gpu": 0.5},
+                         max_concurrent_trials=4, scheduler="none")
+    space["train"]["epochs"] = 2
+    (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(space))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    try:
+        for _ in range(2):  # two worker nodes that declare one GPU each (they have none)
+            cluster.add_node(num_cpus=2, num_gpus=1)
+        cluster.wait_for_nodes()
+        out = run_search(load_space(tmp_path / "gpu.yaml"), storage=str(tmp_path / "ray"), resume=False,
+                         address=cluster.address, results=str(tmp_path))
+    finally:
+        cluster.shutdown()
+    exp = tmp_path / "ray" / "fast"
+    nodes, devices = set(), set()
+    for d in exp.glob("trial_*"):
+        rows = [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+        nodes.add(rows[-1]["node_id"])
+        devices.add(rows[-1]["device"])
+    assert len(nodes) >= 2  # 0.5-GPU trials spread over both GPU nodes
+    assert devices == {"cpu"}  # CUDA_VISIBLE_DEVICES set, no CUDA: CPU fallback
+    assert len(_rows(out / "trials.csv")) == 4
