@@ -19,7 +19,9 @@ all entries divided by the largest |loop| entry of the same parameter tensor (ma
 tensors). Float32 Fisher sums of a real network are ill-conditioned (a sample whose BatchNorm
 channel has almost no variance amplifies round-off), so for the smaller N_F the script also
 runs the batch-size-1 loop in float64 as the truth and prints every float32 result's error
-against it (``vs f64``, same measure). No assertion on the numbers.
+against it (``vs f64``, same measure). On CUDA, PyTorch lets cuDNN run float32 convolutions
+in TF32 by default, which makes every float32 result (the loop's too) much less accurate;
+--no-tf32 turns that off. No assertion on the numbers.
 
     .venv/bin/python benchmarks/bench_fisher.py              # CPU, writes bench_fisher.txt
     .venv/bin/python benchmarks/bench_fisher.py --quick      # smoke run (stdout only)
@@ -63,7 +65,8 @@ def header(out: Tee, device: torch.device) -> None:
     out(f"# torch {torch.__version__}, python {platform.python_version()}, "
         f"os.cpu_count()={os.cpu_count()}, torch threads={torch.get_num_threads()}")
     if device.type == "cuda":
-        out(f"# device: cuda ({torch.cuda.get_device_name(device)})")
+        out(f"# device: cuda ({torch.cuda.get_device_name(device)}); TF32 allowed: cuDNN convolutions "
+            f"{torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32} (--no-tf32)")
     else:
         out(f"# device: cpu ({platform.processor() or platform.machine()}, "
             f"capability {torch.backends.cpu.get_cpu_capability()})")
@@ -128,17 +131,23 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="N_F values (default 128 512)")
     ap.add_argument("--no-vmap", action="store_true", help="skip method='vmap'")
+    ap.add_argument("--no-tf32", action="store_true", help="CUDA: float32 convolutions and matmuls "
+                    "in full float32 (PyTorch's default lets cuDNN convolutions use TF32)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the "
                     "2-core machine is shared, and 2 OpenMP threads next to a busy core time "
                     "erratically; 0 keeps torch's default)")
     ap.add_argument("--out", default=None, help="output file ('-' for stdout only; default "
                     f"benchmarks/{NAME}.txt for a full CPU run)")
     args = ap.parse_args(argv)
+    t_start = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but CUDA is not available")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     gpu = device.type == "cuda"
     if args.quick:
         width, sizes, rounds = args.width or 0.125, (16, 32), args.rounds or 1
@@ -173,11 +182,11 @@ def main(argv=None) -> None:
         y = torch.randint(0, 10, (n_f,), generator=g).to(device)
         for bn in ("per_sample", "eval"):
             fns = {
-                "loop": lambda: loop_fisher(model, x, y, bn),
-                "layers": lambda: fisher_scores(model, None, x, y, bn=bn, method="layers"),
+                "loop": lambda x=x, y=y, bn=bn: loop_fisher(model, x, y, bn),
+                "layers": lambda x=x, y=y, bn=bn: fisher_scores(model, None, x, y, bn=bn, method="layers"),
             }
             if n_f in vmap_sizes:
-                fns["vmap"] = lambda: fisher_scores(model, None, x, y, bn=bn, method="vmap")
+                fns["vmap"] = lambda x=x, y=y, bn=bn: fisher_scores(model, None, x, y, bn=bn, method="vmap")
             names = list(fns)
             times = {k: [] for k in names}
             results = {}
@@ -207,6 +216,7 @@ def main(argv=None) -> None:
     for bn, n_f, k, s, target in verdicts:
         out(f"  {bn:<11}N_F={n_f:<4} {k:<7} speedup {s:5.2f}x  target >= {target:.0f}x: "
             f"{'met' if s >= target else 'NOT met'}")
+    out(f"# wall time {time.perf_counter() - t_start:.0f} s")
     path = out_path(args)
     if path is not None:
         path.write_text("\n".join(out.lines) + "\n")

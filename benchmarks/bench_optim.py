@@ -41,7 +41,7 @@ from ssam_tune.models import build_model
 
 HERE = Path(__file__).resolve().parent
 NAME = Path(__file__).stem
-BASE = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
+BASE = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
 RHO = 0.05
 
 
@@ -234,6 +234,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="output file ('-' for stdout only; default "
                     f"benchmarks/{NAME}.txt for a full CPU run)")
     args = ap.parse_args(argv)
+    t_start = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but CUDA is not available")
@@ -254,6 +255,7 @@ def main(argv=None) -> None:
             rounds = args.rounds or (15 if gpu else (21 if is_wrn else 31))
             steps = 20 if gpu else (1 if is_wrn else 2)
         bench_model(out, label, build(), device, rounds, steps)
+    out(f"# wall time {time.perf_counter() - t_start:.0f} s")
     path = out_path(args)
     if path is not None:
         path.write_text("\n".join(out.lines) + "\n")

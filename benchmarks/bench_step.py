@@ -38,7 +38,7 @@ from ssam_tune.models import build_model, count_params
 
 HERE = Path(__file__).resolve().parent
 NAME = Path(__file__).stem
-BASE = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
+BASE = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
 RHO = 0.05
 
 
@@ -57,7 +57,8 @@ def header(out: Tee, device: torch.device) -> None:
     out(f"# torch {torch.__version__}, python {platform.python_version()}, "
         f"os.cpu_count()={os.cpu_count()}, torch threads={torch.get_num_threads()}")
     if device.type == "cuda":
-        out(f"# device: cuda ({torch.cuda.get_device_name(device)})")
+        out(f"# device: cuda ({torch.cuda.get_device_name(device)}); TF32 allowed: cuDNN convolutions "
+            f"{torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32} (--no-tf32)")
     else:
         out(f"# device: cpu ({platform.processor() or platform.machine()}, "
             f"capability {torch.backends.cpu.get_cpu_capability()})")
@@ -131,23 +132,29 @@ def main(argv=None) -> None:
                     "CPU, 1.0 on CUDA)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--no-tf32", action="store_true", help="CUDA: float32 convolutions and matmuls "
+                    "in full float32 (PyTorch's default lets cuDNN convolutions use TF32)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the "
                     "2-core machine is shared, and 2 OpenMP threads next to a busy core time "
                     "erratically; 0 keeps torch's default)")
     ap.add_argument("--out", default=None, help="output file ('-' for stdout only; default "
                     f"benchmarks/{NAME}.txt for a full CPU run)")
     args = ap.parse_args(argv)
+    t_start = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but CUDA is not available")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     gpu = device.type == "cuda"
     width = args.width if args.width is not None else (1.0 if gpu else 0.25)
     if args.quick:
         rounds, per_block = 2, 1
     else:
-        rounds, per_block = args.rounds or (15 if gpu else 41), (10 if gpu else 2)
+        rounds, per_block = args.rounds or (31 if gpu else 41), (20 if gpu else 2)
 
     out = Tee()
     header(out, device)
@@ -181,6 +188,7 @@ def main(argv=None) -> None:
     out(f"  SAM/SGD    {sam_sgd:7.3f}   (2 forward/backward passes: about 2 expected)")
     out(f"  SSAM/SAM   {ssam_sam:7.3f}   (target <= 1.05)")
     out(f"target SSAM/SAM <= 1.05: {'met' if ssam_sam <= 1.05 else 'NOT met'}")
+    out(f"# wall time {time.perf_counter() - t_start:.0f} s")
     path = out_path(args)
     if path is not None:
         path.write_text("\n".join(out.lines) + "\n")

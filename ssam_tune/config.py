@@ -81,8 +81,9 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True)
     device: str = _f("auto", help="auto, cpu, cuda or cuda:N")
     precision: str = _f("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 autocast on GPU
-    channels_last: str = _f("auto", choices=("auto", "on", "off"))  # auto: on GPU
+    channels_last: bool | None = _f(None)  # null: on GPU only
     max_steps_per_epoch: int | None = _f(None, lo=1)  # cap for smoke runs
+    test_every: int = _f(1, lo=0, hi=100000)  # evaluate test every k epochs (0: final epoch only)
 
 
 @dataclass

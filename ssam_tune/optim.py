@@ -218,9 +218,10 @@ class SSAM(SAM):
 
     Masks are bool tensors, one per parameter in param_groups order, kept on the
     parameter's device; they are part of :meth:`state_dict`. For the step itself a 0/1 copy
-    in the gradient's dtype is built once per :meth:`set_masks` (as the reference code keeps
-    float32 masks): g * m with a bool m is a mixed-dtype multiply, an unvectorised casting
-    loop on CPU, while the same-dtype product is bitwise the same and much faster.
+    in the gradient's dtype is kept (as the reference code keeps float32 masks; rebuilt after
+    :meth:`set_masks` or an in-place change to a mask): g * m with a bool m is a mixed-dtype
+    multiply, an unvectorised casting loop on CPU and a per-tensor launch loop on CUDA, while
+    the same-dtype product is bitwise the same and much faster.
     """
 
     def __init__(

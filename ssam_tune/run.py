@@ -178,10 +178,11 @@ def confirmation_space(space: SearchSpace, runs: list[tuple[str, dict]]) -> Sear
 
 
 def run_search(space: SearchSpace, *, storage: str, resume: bool, address: str | None = None,
-               results: str = str(RESULTS)) -> Path:
+               results: str = str(RESULTS), trainable=None) -> Path:
     """Run (or resume) the experiment, write the exports, then run the confirmation step
     (``tune.confirm``) if asked; returns the export folder."""
-    out = _run_experiment(space, storage=storage, resume=resume, address=address, results=results)
+    out = _run_experiment(space, storage=storage, resume=resume, address=address, results=results,
+                          trainable=trainable)
     t = space.tune
     if t.confirm_top_k:
         from ssam_tune.export import confirm_cases, export_confirmation
@@ -194,14 +195,18 @@ def run_search(space: SearchSpace, *, storage: str, resume: bool, address: str |
         cdir = f"{storage}/{cspace.name}"
         again = "://" not in storage and (Path(cdir) / "tuner.pkl").exists()
         print(f"confirming {len(cspace.cases)} front point(s) with seeds {cspace.seeds}")
-        _run_experiment(cspace, storage=storage, resume=again, address=address, results=results)
+        _run_experiment(cspace, storage=storage, resume=again, address=address, results=results,
+                        trainable=trainable)
         export_confirmation(cdir, out)
     return out
 
 
 def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: str | None,
-                    results: str) -> Path:
-    """Run (or resume) one Ray Tune experiment, then write its exports."""
+                    results: str, trainable=None) -> Path:
+    """Run (or resume) one Ray Tune experiment, then write its exports.
+
+    ``trainable`` replaces the training function (load tests drive the machinery with a
+    trivial one); it receives the same config and must report the same metrics."""
     from ray import tune
 
     from ssam_tune.export import export_experiment
@@ -225,7 +230,7 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
     _init_ray(address)
     try:
         t = space.tune
-        trainable = tune.with_resources(train_trial, {"cpu": t.cpu, "gpu": t.gpu})
+        trainable = tune.with_resources(trainable or train_trial, {"cpu": t.cpu, "gpu": t.gpu})
         if resume:
             tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True)
         else:
@@ -285,6 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.resume and exists:
             raise ConfigError("--name", f"experiment {space.name!r} already exists at {exp_dir}; "
                               "use --resume to finish it or --name for a new one")
+        if args.resume and exists and (Path(exp_dir) / SPACE_FILE).exists():
+            # finish the experiment as it was started, whatever the YAML says now
+            stored = load_space(Path(exp_dir) / SPACE_FILE, check_paths=False)
+            if space_to_dict(stored) != space_to_dict(space):
+                print(f"note: resuming with the space stored in {exp_dir}/{SPACE_FILE} "
+                      f"(it differs from {args.space})", file=sys.stderr)
+            space = stored
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

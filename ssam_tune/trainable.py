@@ -108,6 +108,7 @@ def train_trial(config: dict) -> None:
     if state is not None:
         trainer.load_state_dict(state)
         print(f"[ssam-tune] trial {meta.get('trial_id')} resumed at epoch {trainer.epoch}")
+    resumed_from = trainer.epoch  # 0: this run started from scratch
     if trainer.epoch >= cfg.train.epochs or trainer.tracker["status"] != "running":
         final = dict(trainer.tracker.get("last_good") or {"epoch": trainer.epoch})
         final["status"] = trainer.tracker["status"]
@@ -118,6 +119,7 @@ def train_trial(config: dict) -> None:
         metrics["label"] = meta.get("label", "")
         metrics["device"] = str(trainer.device)
         metrics["node_id"] = node_id
+        metrics["resumed_from"] = resumed_from
         if metrics.get("status") == "diverged":
             tune.report(metrics)
             return

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from ssam_tune.search import open_study
+from ssam_tune.train import load_checkpoint
 
 HERE = Path(__file__).parent
 FAST = HERE / "spaces" / "fast.yaml"
@@ -116,7 +117,20 @@ def _wait_for(predicate, timeout):
     return False
 
 
-def test_sigkill_driver_then_resume(tmp_path):
+def _experiment_done(exp: Path) -> bool:
+    states = sorted(exp.glob("experiment_state-*.json"))
+    if not states:
+        return False
+    try:
+        data = json.loads(states[-1].read_text())
+        trials = [json.loads(t[0] if isinstance(t, list) else t) for t in data["trial_data"]]
+    except (OSError, ValueError):
+        return False
+    return len(trials) == 9 and all(t.get("status") == "TERMINATED" for t in trials)
+
+
+@pytest.mark.parametrize("moment", ["first_trials", "mid_search", "export"])
+def test_sigkill_driver_then_resume(moment, tmp_path):
     space = yaml.safe_load(FAST.read_text())
     space["train"]["epochs"] = 6
     space["tune"]["scheduler"]["grace_period"] = 2
@@ -128,17 +142,25 @@ def test_sigkill_driver_then_resume(tmp_path):
 
     def rung_records():
         f = exp / "asha_rungs.json"
-        if not f.exists():
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError):
             return {}
-        data = json.loads(f.read_text())
         return {(m, t): v for bracket in data["rungs"] for m, rec in bracket.items() for t, v in rec.items()}
 
-    def mid_search():
-        return len(list(exp.glob("checkpoints/*/checkpoint.pt"))) >= 4 and len(rung_records()) >= 3
-
+    checkpoints = lambda: len(list(exp.glob("checkpoints/*/checkpoint.pt")))  # noqa: E731
+    when = {
+        "first_trials": lambda: checkpoints() >= 1,
+        "mid_search": lambda: checkpoints() >= 4 and len(rung_records()) >= 3,
+        # Ray is done with every trial: the driver is writing (or about to write) the exports
+        "export": lambda: _experiment_done(exp) or (tmp_path / "fast").exists(),
+    }[moment]
     try:
-        assert _wait_for(mid_search, 600), "search never reached the kill point"
+        assert _wait_for(when, 600), f"search never reached the kill point {moment}"
         before_rungs = rung_records()
+        before_ckpt = {d.name: load_checkpoint(d / "checkpoint.pt")["epoch"]
+                       for d in exp.glob("checkpoints/*") if (d / "checkpoint.pt").exists()} \
+            if moment != "export" else {}
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray, no clean-up
         driver.wait()
     finally:
@@ -147,8 +169,7 @@ def test_sigkill_driver_then_resume(tmp_path):
     r = _run_cli([*args, "--resume"], cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # ASHA's rung records from before the kill are still there
-    after_rungs = rung_records()
-    assert set(before_rungs) <= set(after_rungs)
+    assert set(before_rungs) <= set(rung_records())
     trials = _rows(tmp_path / "fast" / "trials.csv")
     ids = [t["trial_id"] for t in trials]
     assert len(ids) == len(set(ids)) == 9  # every trial once
@@ -157,9 +178,16 @@ def test_sigkill_driver_then_resume(tmp_path):
         epochs = _epochs(exp / f"trial_{trial_id}")
         # never restarted from scratch: epochs only go up (a finished trial may repeat its last)
         assert all(b > a or (b == a == epochs[-1]) for a, b in zip(epochs, epochs[1:])), (trial_id, epochs)
-    assert "resumed at epoch" in r.stdout + r.stderr
+        if trial_id in before_ckpt:
+            # every epoch reported after the kill came from a run resumed at its checkpoint
+            lines = [json.loads(x) for x in (exp / f"trial_{trial_id}" / "result.json").read_text().splitlines()]
+            later = [x for x in lines if x["epoch"] > before_ckpt[trial_id]]
+            assert all(x.get("resumed_from", 0) >= before_ckpt[trial_id] for x in later), (trial_id, later)
     study = open_study(str(exp / "optuna.journal"), "fast", "multi")
     assert all(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in study.trials)  # none left running
+    assert len([t for t in study.trials if t.state.name != "FAIL"]) == 6  # the budget, each once
+    for name in ("pareto.csv", "pareto.png", "summary.md", "best_config.yaml"):
+        assert (tmp_path / "fast" / name).exists()
 
 
 def test_fractional_gpus_on_a_multi_node_cluster(tmp_path, monkeypatch):
@@ -191,3 +219,22 @@ def test_fractional_gpus_on_a_multi_node_cluster(tmp_path, monkeypatch):
     assert len(nodes) >= 2  # 0.5-GPU trials spread over both GPU nodes
     assert devices == {"cpu"}  # CUDA_VISIBLE_DEVICES set, no CUDA: CPU fallback
     assert len(_rows(out / "trials.csv")) == 4
+
+
+def test_confirmation_reruns_front_points_with_seeds(tmp_path):
+    space = yaml.safe_load(FAST.read_text())
+    space["train"]["epochs"] = 2
+    space["tune"].update(num_samples=1, baselines=["sgd"], scheduler="none", confirm={"top_k": 1, "seeds": [1, 2]})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(space))
+    r = _run_cli(["c.yaml", "--storage", str(tmp_path / "ray"), "--results", str(tmp_path)], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = _rows(tmp_path / "fast" / "confirm.csv")
+    assert len(rows) == 1
+    row = rows[0]
+    assert int(row["n_seeds"]) == 2 and row["test_acc_std"], row
+    front = _rows(tmp_path / "fast" / "pareto.csv")
+    assert row["label"].split("_", 1)[1] in {p["label"] for p in front}
+    assert "Confirmation" in (tmp_path / "fast" / "summary.md").read_text()
+    seeds = sorted(json.loads((d / "params.json").read_text())["config"]["seed"]
+                   for d in (tmp_path / "ray" / "fast-confirm").glob("trial_*"))
+    assert seeds == [1, 2]

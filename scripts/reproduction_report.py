@@ -1,0 +1,114 @@
+"""Tables and plot of the reduced-scale reproduction (results/reproduction/).
+
+Reads the exported trial tables of the two experiments run with the suite itself:
+
+    python scripts/reproduction_report.py --rho results/reproduce_small_rho \
+        --main results/reproduce_small --out results/reproduction
+
+and writes ``table.md`` (test accuracy at the final epoch, mean +- sample std over seeds;
+paired differences against SAM and against SGD with 95% t-intervals; FLOPs relative to SGD;
+seconds per epoch), ``rho_search.md``, ``accuracy_vs_flops.png`` and copies of both
+``trials.csv`` files. Selection (rho) uses validation accuracy only; test accuracy is only
+reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+# two-sided 95% Student t quantiles, by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def group(label: str) -> str:
+    return label.split("/seed")[0]
+
+
+def seed_of(row: dict) -> int:
+    return int(row["seed"])
+
+
+def interval(diffs: list[float]) -> str:
+    n = len(diffs)
+    if n < 2:
+        return "n/a"
+    mean = statistics.mean(diffs)
+    half = T95.get(n - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(n)
+    return f"{100 * mean:+.2f} [{100 * (mean - half):+.2f}, {100 * (mean + half):+.2f}]"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rho", required=True)
+    p.add_argument("--main", required=True)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(args.rho) / "trials.csv", out / "trials_rho_search.csv")
+    shutil.copyfile(Path(args.main) / "trials.csv", out / "trials_main.csv")
+
+    lines = ["| case | rho | val acc (final epoch) | test acc (reported only) |", "|---|---|---|---|"]
+    for r in sorted(rows(Path(args.rho) / "trials.csv"), key=lambda r: r["label"]):
+        lines.append(f"| {group(r['label'])} | {float(r['method.rho']):g} | {100 * float(r['val_acc']):.2f} | "
+                     f"{100 * float(r['test_acc']):.2f} |")
+    (out / "rho_search.md").write_text("\n".join(lines) + "\n")
+
+    trials = [r for r in rows(Path(args.main) / "trials.csv") if r["status"] == "completed"]
+    by_case: dict[str, dict[int, dict]] = {}
+    for r in trials:
+        by_case.setdefault(group(r["label"]), {})[seed_of(r)] = r
+    sgd_flops = statistics.mean(float(r["flops_theoretical"]) for r in by_case["sgd"].values())
+    header = ("| case | n | test acc % (mean +- std) | vs SAM: diff [95% CI] | vs SGD: diff [95% CI] | "
+              "FLOPs theoretical (x SGD) | FLOPs executed (x SGD) | mask FLOPs (x SGD) | s / epoch |")
+    table = [header, "|" + "---|" * 9]
+    points = []
+    for case, seeds in by_case.items():
+        accs = [float(seeds[s]["test_acc"]) for s in sorted(seeds)]
+        vs = {}
+        for ref in ("sam", "sgd"):
+            common = sorted(set(seeds) & set(by_case.get(ref, {})))
+            diffs = [float(seeds[s]["test_acc"]) - float(by_case[ref][s]["test_acc"]) for s in common]
+            vs[ref] = "-" if case == ref else interval(diffs)
+        theo = statistics.mean(float(r["flops_theoretical"]) for r in seeds.values()) / sgd_flops
+        exe = statistics.mean(float(r["flops_executed"]) for r in seeds.values()) / sgd_flops
+        mask = statistics.mean(float(r["flops_mask"] or 0) for r in seeds.values()) / sgd_flops
+        sec = statistics.mean(float(r["train_seconds"]) / int(r["epochs_reached"]) for r in seeds.values())
+        std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+        table.append(f"| {case} | {len(accs)} | {100 * statistics.mean(accs):.2f} +- {100 * std:.2f} | {vs['sam']} | "
+                     f"{vs['sgd']} | {theo:.3f} | {exe:.3f} | {mask:.3f} | {sec:.1f} |")
+        points.append((case, theo, 100 * statistics.mean(accs), 100 * std))
+    (out / "table.md").write_text("\n".join(table) + "\n")
+
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    del matplotlib
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for case, x, y, e in points:
+        ax.errorbar([x], [y], yerr=[0 if math.isnan(e) else e], fmt="o", capsize=4, label=case)
+        ax.annotate(case, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("theoretical training FLOPs, multiple of SGD's (mask costs included)")
+    ax.set_ylabel("test accuracy at the final epoch (%), mean +- std over seeds")
+    ax.set_title("Reduced-scale CIFAR-10 sanity check (ResNet-18 x0.25, 5k images, 10 epochs)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_flops.png", dpi=120)
+    print((out / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Load: the whole search machinery (SsamSearcher + Optuna journal + AnchoredASHA + exports)
+on a real local Ray, driven by a trivial trainable (tests/_trivial.py): 100 trials, 4 at a
+time. benchmarks/bench_load.py does 500 and measures memory and overhead.
+"""
+
+import csv
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from _trivial import BASELINES, load_space_dict, trivial_trainable, worker_pythonpath
+
+from ssam_tune.search import open_study
+
+N_SAMPLED = 97
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_100_trials_four_at_a_time(tmp_path, monkeypatch):
+    from ssam_tune.run import run_search
+    from ssam_tune.space import load_space
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # always a fresh local Ray
+    monkeypatch.setenv("PYTHONPATH", worker_pythonpath(os.environ))  # workers import _trivial
+    monkeypatch.chdir(tmp_path)
+    space = load_space(tmp_path / "load.yaml", data=load_space_dict("load", N_SAMPLED))
+    assert space.budget() == 100
+    t0 = time.perf_counter()
+    out = run_search(space, storage=str(tmp_path / "ray"), resume=False, results=str(tmp_path),
+                     trainable=trivial_trainable)
+    wall = time.perf_counter() - t0
+
+    trials = _rows(out / "trials.csv")
+    ids = [t["trial_id"] for t in trials]
+    assert len(ids) == len(set(ids)) == 100, f"{len(ids)} rows, {len(set(ids))} unique"
+    statuses = Counter(t["status"] for t in trials)
+    assert set(statuses) <= {"completed", "pruned"}, statuses
+    assert statuses["pruned"] > 0 and statuses["completed"] > 0, statuses  # ASHA did stop some
+    for t in trials:
+        if t["label"] in BASELINES:  # anchors always run to full fidelity
+            assert t["status"] == "completed" and int(t["epochs_reached"]) == 4
+        if t["status"] == "completed":
+            assert int(t["epochs_reached"]) == 4
+
+    study = open_study(str(tmp_path / "ray" / "load" / "optuna.journal"), "load", "multi")
+    states = Counter(t.state.name for t in study.trials)
+    assert len(study.trials) == N_SAMPLED, states
+    assert states["RUNNING"] == 0 and set(states) <= {"COMPLETE", "PRUNED"}, states
+    sampled = Counter(t["status"] for t in trials if t["kind"] == "search")
+    assert states["COMPLETE"] == sampled["completed"] and states["PRUNED"] == sampled["pruned"]
+
+    front = _rows(out / "pareto.csv")
+    assert front and all(p["trial_id"] in set(ids) for p in front)
+    print(f"\n100 trials (4 at a time, trivial trainable) in {wall:.1f} s: {dict(statuses)}, "
+          f"front of {len(front)}")
