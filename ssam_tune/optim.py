@@ -124,12 +124,16 @@ class SAM(torch.optim.Optimizer):
                 continue
             stop = start + len(ps)
             scale = group["rho"] / denom
-            if scratch:
+            if scale.device.type == "cpu":
+                # On the CPU reading the scale costs no device sync, and w += s * v in one
+                # fused pass saves writing and re-reading e (a memory-bound step).
+                torch._foreach_add_(ps, vectors[start:stop], alpha=scale.item())
+            elif scratch:
                 e = vectors[start:stop]
                 torch._foreach_mul_(e, scale)
+                torch._foreach_add_(ps, e)
             else:
-                e = torch._foreach_mul(vectors[start:stop], scale)
-            torch._foreach_add_(ps, e)
+                torch._foreach_add_(ps, torch._foreach_mul(vectors[start:stop], scale))
             e_sq.append(scale.square() * norms[start:stop].square().sum())
             start = stop
         # ||e||^2 = sum over groups of scale_g^2 ||v_g||^2: no extra pass over the weights.

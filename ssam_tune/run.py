@@ -214,6 +214,9 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
     from ssam_tune.trainable import train_trial
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    # A result without val_acc (e.g. an early divergence) must not abort the experiment;
+    # the searcher and ASHA handle missing values themselves.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     local = "://" not in storage
     exp_dir = f"{storage}/{space.name}"
     journal = str(Path(exp_dir) / JOURNAL_FILE) if local else \

@@ -440,15 +440,15 @@ def _parse_space(raw: Any, source: str, stem: str, check_paths: bool = True) -> 
             if label is not None and (not isinstance(label, str) or not NAME_RE.match(label)):
                 raise ConfigError(f"cases[{i}].label", f"must be a short name of letters, digits, '_', '-', '.'; "
                                   f"got {label!r}")
-            for key, value in flat.items():
-                if key == "label":
-                    continue
-                data = copy.deepcopy(base)
-                try:
-                    set_by_path(data, key, value)
-                    config_from_dict(data)
-                except ConfigError as err:
-                    raise ConfigError(f"cases[{i}].{err.path}", err.rule) from None
+            # all of a case's keys at once: some must change together (data.name + data.root)
+            data = copy.deepcopy(base)
+            try:
+                for key, value in flat.items():
+                    if key != "label":
+                        set_by_path(data, key, value)
+                config_from_dict(data)
+            except ConfigError as err:
+                raise ConfigError(f"cases[{i}].{err.path}", err.rule) from None
             cases.append(flat)
         tune.baselines = []
         tune.num_samples = len(cases) * len(seeds)

@@ -21,7 +21,7 @@ from ray import tune
 from ssam_tune.config import config_from_dict
 from ssam_tune.data import Data
 from ssam_tune.search import META
-from ssam_tune.train import Trainer, load_checkpoint, load_data, save_checkpoint
+from ssam_tune.train import CHECKPOINT_FORMAT, Trainer, load_checkpoint, load_data, save_checkpoint
 
 __all__ = ["train_trial"]
 
@@ -62,6 +62,8 @@ def _read(path: Path) -> dict | None:
     try:
         state = load_checkpoint(path)
         int(state["epoch"])
+        if state.get("format") != CHECKPOINT_FORMAT or not {"model", "optimizer", "rng", "tracker"} <= set(state):
+            raise ValueError("not an ssam-tune training checkpoint")
         return state
     except Exception as err:  # noqa: BLE001 - any unreadable file is treated the same way
         warnings.warn(f"ignoring unreadable checkpoint {path}: {type(err).__name__}: {err}", stacklevel=2)
@@ -86,9 +88,15 @@ def _latest_state(own_dir: Path | None) -> dict | None:
 
 
 def _clean(metrics: dict) -> dict:
-    """Ray-friendly metrics: None and NaN become absent (ASHA skips results without them)."""
-    return {k: v for k, v in metrics.items()
-            if v is not None and not (isinstance(v, float) and math.isnan(v))}
+    """Ray-friendly metrics: None and NaN become absent (ASHA skips results without them).
+
+    A diverged report always carries val_acc (0 if it diverged before any evaluation): the
+    searcher's metric must be present in every result, or Ray stops the whole experiment."""
+    out = {k: v for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+    if out.get("status") == "diverged":
+        out.setdefault("val_acc", 0.0)
+        out.setdefault("epoch", 0)
+    return out
 
 
 def train_trial(config: dict) -> None:
@@ -104,6 +112,8 @@ def train_trial(config: dict) -> None:
     if exp_dir and "://" not in exp_dir:
         own_dir = Path(exp_dir) / "checkpoints" / meta["trial_id"]
         own_dir.mkdir(parents=True, exist_ok=True)
+        for stale in own_dir.glob(".*.tmp*"):  # left by a crash in the middle of a write
+            stale.unlink(missing_ok=True)
     state = _latest_state(own_dir)
     if state is not None:
         trainer.load_state_dict(state)
