@@ -4,6 +4,7 @@ time. benchmarks/bench_load.py does 500 and measures memory and overhead.
 """
 
 import csv
+import json
 import os
 import time
 from collections import Counter
@@ -59,5 +60,16 @@ def test_100_trials_four_at_a_time(tmp_path, monkeypatch):
 
     front = _rows(out / "pareto.csv")
     assert front and all(p["trial_id"] in set(ids) for p in front)
+    # The trivial trainable's accuracy grows with rho and density, so the front is a real
+    # trade-off: several full-fidelity points, none dominated by any completed trial.
+    by_id = {t["trial_id"]: t for t in trials}
+    pts = [(float(by_id[p["trial_id"]]["val_acc"]), float(by_id[p["trial_id"]]["flops_theoretical"])) for p in front]
+    assert len(pts) >= 2
+    assert all(by_id[p["trial_id"]]["status"] == "completed" for p in front)
+    done = [(float(t["val_acc"]), float(t["flops_theoretical"])) for t in trials if t["status"] == "completed"]
+    dominated = lambda a, b: b[0] >= a[0] and b[1] <= a[1] and b != a  # noqa: E731
+    assert not any(dominated(a, b) for a in pts for b in done)
+    front_json = json.loads((out / "pareto.json").read_text())
+    assert [p["trial_id"] for p in front_json["front"]] == [p["trial_id"] for p in front]
     print(f"\n100 trials (4 at a time, trivial trainable) in {wall:.1f} s: {dict(statuses)}, "
           f"front of {len(front)}")

@@ -60,7 +60,10 @@ def test_end_to_end_search(finished_search):
         if t["label"] in ("sgd", "sam", "ssam"):
             assert t["status"] == "completed"
     front = _rows(out / "pareto.csv")
-    assert len(front) >= 2
+    # SGD (1x) is always on the front; with second-long epochs a sparse or SAM trial may or may
+    # not beat it, so the two-point front is checked with the deterministic load trainable
+    # (tests/test_load.py). Here: the front is exactly the non-dominated completed trials.
+    assert len(front) >= 1
     by_id = {t["trial_id"]: t for t in trials}
     points = []
     for p in front:
@@ -238,3 +241,13 @@ def test_confirmation_reruns_front_points_with_seeds(tmp_path):
     seeds = sorted(json.loads((d / "params.json").read_text())["config"]["seed"]
                    for d in (tmp_path / "ray" / "fast-confirm").glob("trial_*"))
     assert seeds == [1, 2]
+
+
+def test_smoke_runs_a_paper_space(tmp_path):
+    # ImageNet ResNet-50 is the space that --smoke changes most (model, data, resources)
+    r = _run_cli([str(HERE.parent / "search_spaces" / "resnet50_imagenet.yaml"), "--smoke", "--storage",
+                  str(tmp_path / "ray"), "--results", str(tmp_path)], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = _rows(tmp_path / "resnet50_imagenet-smoke" / "trials.csv")
+    assert len(trials) == 7 and all(t["status"] in ("completed", "pruned") for t in trials)
+    assert {t["model.name"] for t in trials} == {"resnet18"} and {t["data.name"] for t in trials} == {"embedded"}
