@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv quickstart test bench clean
+.PHONY: venv quickstart test clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,11 +13,13 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
+# The quickstart is a demo: each run starts afresh (a real search would be resumed instead).
 quickstart: venv
+	rm -rf results/ray/quickstart results/quickstart
 	$(BIN)/python -m ssam_tune.run search_spaces/quickstart.yaml
 
 test: venv
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) results/quickstart
+	rm -rf $(VENV) results/quickstart results/ray/quickstart
