@@ -121,7 +121,8 @@ def train_trial(config: dict) -> None:
     resumed_from = trainer.epoch  # 0: this run started from scratch
     if trainer.epoch >= cfg.train.epochs or trainer.tracker["status"] != "running":
         final = dict(trainer.tracker.get("last_good") or {"epoch": trainer.epoch})
-        final["status"] = trainer.tracker["status"]
+        final.update(status=trainer.tracker["status"], label=meta.get("label", ""), device=str(trainer.device),
+                     node_id=node_id, resumed_from=resumed_from)
         tune.report(_clean(final))  # already finished before the restart: report once more
         return
     for metrics in trainer.epochs():
