@@ -268,14 +268,9 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
 def _close_orphans(journal: str, space: SearchSpace) -> None:
     """After fit() every trial Ray knows has finished: an Optuna trial still RUNNING was
     asked by a driver that was killed before Ray recorded it. Mark it failed (orphaned)."""
-    import optuna
+    from ssam_tune.search import close_orphans, open_study
 
-    from ssam_tune.search import open_study
-
-    study = open_study(journal, space.name, space.tune.objective)
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "status", "orphaned")
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    close_orphans(open_study(journal, space.name, space.tune.objective))
 
 
 def main(argv: list[str] | None = None) -> int:

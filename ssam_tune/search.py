@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import pickle
-from typing import Any
 
 import optuna
 from ray.tune import Callback
@@ -32,7 +31,7 @@ from ray.tune.search import Searcher
 
 from ssam_tune.space import SearchSpace, resolve_config, sample_params
 
-__all__ = ["AnchoredASHA", "RungStateCallback", "SsamSearcher", "make_sampler", "open_study"]
+__all__ = ["AnchoredASHA", "RungStateCallback", "SsamSearcher", "close_orphans", "make_sampler", "open_study"]
 
 log = logging.getLogger(__name__)
 META = "ssam_tune"  # key of the trial config that carries our bookkeeping
@@ -183,12 +182,7 @@ class SsamSearcher(Searcher):
         """Fail the Optuna trials left RUNNING by a killed driver that Ray no longer knows
         (asked after Ray's last experiment checkpoint). Returns how many were closed."""
         known = {info["number"] for info in self._trials.values() if info["number"] is not None}
-        closed = 0
-        for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if trial.number not in known:
-                self.study._storage.set_trial_user_attr(trial._trial_id, "status", "orphaned")
-                self.study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-                closed += 1
+        closed = close_orphans(self.study, keep=known)
         if closed:
             log.warning("closed %d Optuna trial(s) left running by the previous driver", closed)
         return closed
@@ -252,5 +246,13 @@ class RungStateCallback(Callback):
             self.scheduler.load_rung_state(state)
 
 
-def trial_meta(config: dict[str, Any]) -> dict:
-    return config.get(META, {})
+def close_orphans(study: optuna.Study, keep: set[int] = frozenset()) -> int:
+    """Mark the study's RUNNING trials (except the numbers in ``keep``) failed, with
+    ``status=orphaned``: they were asked by a driver killed before Ray recorded them."""
+    closed = 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.number not in keep:
+            study._storage.set_trial_user_attr(trial._trial_id, "status", "orphaned")
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            closed += 1
+    return closed

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssam_tune import masks as M
-from ssam_tune.config import SPARSE_METHODS, Config, ConfigError, config_from_dict, config_to_dict, load_config
+from ssam_tune.config import SPARSE_METHODS, Config, ConfigError, config_to_dict, load_config
 from ssam_tune.data import Data, DataError, Split, iterate_batches, load_dataset, make_dataloader, sample_for_fisher
 from ssam_tune.flops import FlopsModel
 from ssam_tune.models import build_model
