@@ -12,18 +12,19 @@ Usage: python benchmarks/bench_data.py [--epochs 5] [--workers 2] > benchmarks/b
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
+from _common import header
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from ssam_tune import data as D
 
+NAME = Path(__file__).stem
 BATCH = 128
 
 
@@ -73,13 +74,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
+    header(print, NAME)
     train = D.load_dataset("embedded", val_fraction=0.0).train
-    print(f"# bench_data: CIFAR augmentation throughput, CPU only, batch {BATCH}, "
+    print(f"# CIFAR augmentation throughput, CPU only, batch {BATCH}, "
           f"{len(train)} embedded train images per epoch, median of {args.epochs} epochs "
           f"after 1 warm-up")
-    print(f"# torch {torch.__version__}, python {platform.python_version()}, "
-          f"{os.cpu_count()} CPU cores (shared machine, 1-min load average "
-          f"{os.getloadavg()[0]:.1f}), torch threads {torch.get_num_threads()}")
 
     gen = torch.Generator().manual_seed(0)
     results = {}

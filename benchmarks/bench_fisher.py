@@ -12,7 +12,8 @@ modes, time:
 - ``vmap``: fisher_scores(..., method="vmap") (torch.func), for N_F=128 only on CPU (slow).
 
 Rounds of interleaved runs (the order rotates every round); median seconds per call, ms per
-sample, and speedup = loop time / method time as the median of per-round ratios.
+sample, and speedup = loop time / method time as the median of per-round ratios (why:
+benchmarks/_common.py).
 
 Agreement, from the first round's results: ``vs loop`` is the largest |method - loop| over
 all entries divided by the largest |loop| entry of the same parameter tensor (max over
@@ -32,62 +33,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import Tee, add_device_args, header, interleave, output_path, paired_ratio, setup
 
 from ssam_tune.masks import fisher_scores
 from ssam_tune.models import build_model, count_params
 
-HERE = Path(__file__).resolve().parent
 NAME = Path(__file__).stem
-
-
-class Tee:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def __call__(self, *parts) -> None:
-        line = " ".join(str(p) for p in parts)
-        print(line, flush=True)
-        self.lines.append(line)
-
-
-def header(out: Tee, device: torch.device) -> None:
-    out(f"# {NAME}  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    out(f"# torch {torch.__version__}, python {platform.python_version()}, "
-        f"os.cpu_count()={os.cpu_count()}, torch threads={torch.get_num_threads()}")
-    if device.type == "cuda":
-        out(f"# device: cuda ({torch.cuda.get_device_name(device)}); TF32 allowed: cuDNN convolutions "
-            f"{torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32} (--no-tf32)")
-    else:
-        out(f"# device: cpu ({platform.processor() or platform.machine()}, "
-            f"capability {torch.backends.cpu.get_cpu_capability()})")
-    out(f"# command: {' '.join([Path(sys.argv[0]).name] + sys.argv[1:])}")
-    import ssam_tune
-    out(f"# ssam_tune: {Path(ssam_tune.__file__).parent}")
-
-
-def out_path(args) -> Path | None:
-    if args.out == "-":
-        return None
-    if args.out:
-        return Path(args.out)
-    if args.quick:
-        return None
-    return HERE / (f"{NAME}.txt" if args.device == "cpu" else f"{NAME}_{args.device}.txt")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def loop_fisher(model, inputs, targets, bn: str) -> list[torch.Tensor]:
@@ -99,7 +56,7 @@ def loop_fisher(model, inputs, targets, bn: str) -> list[torch.Tensor]:
         for p in params:
             p.grad = None
         F.cross_entropy(work(inputs[i:i + 1]), targets[i:i + 1]).backward()
-        for a, p in zip(acc, params):
+        for a, p in zip(acc, params, strict=True):
             if p.grad is not None:
                 a.add_(p.grad.square())
     return acc
@@ -107,47 +64,25 @@ def loop_fisher(model, inputs, targets, bn: str) -> list[torch.Tensor]:
 
 def max_rel_diff(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     worst = 0.0
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         scale = float(r.abs().max())
         if scale > 0:
             worst = max(worst, float((g - r).abs().max()) / scale)
     return worst
 
 
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    result = fn()
-    sync(device)
-    return time.perf_counter() - t0, result
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cpu")
+    add_device_args(ap, NAME, tf32_flag=True)
     ap.add_argument("--quick", action="store_true", help="smoke run: width 0.125, N_F in {16, 32}, 1 round")
     ap.add_argument("--width", type=float, default=None, help="ResNet-18 width (default 0.5 on CPU, "
                     "1.0 on CUDA)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="N_F values (default 128 512)")
     ap.add_argument("--no-vmap", action="store_true", help="skip method='vmap'")
-    ap.add_argument("--no-tf32", action="store_true", help="CUDA: float32 convolutions and matmuls "
-                    "in full float32 (PyTorch's default lets cuDNN convolutions use TF32)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the "
-                    "2-core machine is shared, and 2 OpenMP threads next to a busy core time "
-                    "erratically; 0 keeps torch's default)")
-    ap.add_argument("--out", default=None, help="output file ('-' for stdout only; default "
-                    f"benchmarks/{NAME}.txt for a full CPU run)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but CUDA is not available")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    if args.no_tf32:
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+    device = setup(args)
     gpu = device.type == "cuda"
     if args.quick:
         width, sizes, rounds = args.width or 0.125, (16, 32), args.rounds or 1
@@ -157,7 +92,7 @@ def main(argv=None) -> None:
     vmap_sizes = set() if args.no_vmap else (set(sizes) if gpu else {min(sizes)})
 
     out = Tee()
-    header(out, device)
+    header(out, NAME, device)
     torch.manual_seed(0)
     model = build_model("resnet18", 10, width=width).to(device)
     # Non-trivial running statistics for bn="eval": a few train-mode passes, then eval mode
@@ -188,14 +123,9 @@ def main(argv=None) -> None:
             if n_f in vmap_sizes:
                 fns["vmap"] = lambda x=x, y=y, bn=bn: fisher_scores(model, None, x, y, bn=bn, method="vmap")
             names = list(fns)
-            times = {k: [] for k in names}
-            results = {}
-            for r in range(rounds):
-                order = names[r % len(names):] + names[: r % len(names)]
-                for k in order:
-                    t, res = timed(fns[k], device)
-                    times[k].append(t)
-                    results.setdefault(k, res)
+            results = {}  # the first round's result of each method
+            times = interleave(fns, rounds, device,
+                               each=lambda r, k, t, res, first=results: first.setdefault(k, res))
             truth = None
             if n_f == min(sizes):
                 truth = loop_fisher(model64, x.double(), y, bn)
@@ -205,7 +135,7 @@ def main(argv=None) -> None:
                 if k == "loop":
                     speed, diff = "", ""
                 else:
-                    s = statistics.median(a / b for a, b in zip(times["loop"], times[k]))
+                    s = paired_ratio(times, "loop", k)
                     speed = f"{s:.2f}x"
                     diff = f"{max_rel_diff(results[k], results['loop']):.1e}"
                     target = 1.0 if bn == "per_sample" else 2.0
@@ -217,10 +147,7 @@ def main(argv=None) -> None:
         out(f"  {bn:<11}N_F={n_f:<4} {k:<7} speedup {s:5.2f}x  target >= {target:.0f}x: "
             f"{'met' if s >= target else 'NOT met'}")
     out(f"# wall time {time.perf_counter() - t_start:.0f} s")
-    path = out_path(args)
-    if path is not None:
-        path.write_text("\n".join(out.lines) + "\n")
-        print(f"(written to {path})")
+    out.save(output_path(args, NAME))
 
 
 if __name__ == "__main__":

@@ -33,18 +33,20 @@ import contextlib
 import glob
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import header
+
+NAME = Path(__file__).stem
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 os.environ.pop("RAY_ADDRESS", None)  # always fresh local Ray instances
 
-from _trivial import load_space_dict, trivial_trainable, worker_pythonpath
+from _trivial import load_space_dict, trivial_trainable, worker_pythonpath  # noqa: E402
 
 os.environ["PYTHONPATH"] = worker_pythonpath(os.environ)  # Ray workers import _trivial by name
 
@@ -352,14 +354,8 @@ def main() -> int:
     n_over = args.overhead_trials or (20 if args.quick else 100)
     skip = set(filter(None, args.skip.split(",")))
 
-    import optuna
-    import ray
-
-    emit(f"# bench_load: the search machinery under load with a trivial trainable"
-         f"{' (--quick)' if args.quick else ''}")
-    emit(f"# ray {ray.__version__}, optuna {optuna.__version__}, python {platform.python_version()}, "
-         f"{os.cpu_count()} CPU cores (shared machine, 1-min load average at start "
-         f"{os.getloadavg()[0]:.1f})")
+    header(emit, NAME, packages=("ray", "optuna"))
+    emit(f"# the search machinery under load with a trivial trainable{' (--quick)' if args.quick else ''}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_load_") as d:
         tmp = Path(d)

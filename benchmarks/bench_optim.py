@@ -15,7 +15,8 @@ Variants, all on the SAME parameter tensors (each optimizer keeps its own state)
 
 Timing: rounds of interleaved blocks (the variant order rotates every round), median
 ms/step per variant, and ratios as the median of per-round ratios (paired, so that machine
-noise shared by a round cancels). No assertion on the numbers: this prints them.
+noise shared by a round cancels; the reasons are in benchmarks/_common.py). No assertion on
+the numbers: this prints them.
 
     .venv/bin/python benchmarks/bench_optim.py              # CPU, writes bench_optim.txt
     .venv/bin/python benchmarks/bench_optim.py --quick      # smoke run (stdout only)
@@ -25,64 +26,20 @@ noise shared by a round cancels). No assertion on the numbers: this prints them.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import Tee, add_device_args, header, interleave, output_path, paired_ratio, setup
 
 from ssam_tune import SAM, SSAM
 from ssam_tune.masks import random_mask
 from ssam_tune.models import build_model
 
-HERE = Path(__file__).resolve().parent
 NAME = Path(__file__).stem
 BASE = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
 RHO = 0.05
-
-
-# ----------------------------------------------------------------------------- reporting
-class Tee:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def __call__(self, *parts) -> None:
-        line = " ".join(str(p) for p in parts)
-        print(line, flush=True)
-        self.lines.append(line)
-
-
-def header(out: Tee, device: torch.device) -> None:
-    out(f"# {NAME}  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    out(f"# torch {torch.__version__}, python {platform.python_version()}, "
-        f"os.cpu_count()={os.cpu_count()}, torch threads={torch.get_num_threads()}")
-    if device.type == "cuda":
-        out(f"# device: cuda ({torch.cuda.get_device_name(device)})")
-    else:
-        out(f"# device: cpu ({platform.processor() or platform.machine()}, "
-            f"capability {torch.backends.cpu.get_cpu_capability()})")
-    out(f"# command: {' '.join([Path(sys.argv[0]).name] + sys.argv[1:])}")
-    import ssam_tune
-    out(f"# ssam_tune: {Path(ssam_tune.__file__).parent}")
-
-
-def out_path(args) -> Path | None:
-    if args.out == "-":
-        return None
-    if args.out:
-        return Path(args.out)
-    if args.quick:
-        return None
-    return HERE / (f"{NAME}.txt" if args.device == "cpu" else f"{NAME}_{args.device}.txt")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -101,7 +58,7 @@ class LoopSAM:
         self.backup: dict[torch.Tensor, torch.Tensor] = {}
         self.base = torch.optim.SGD(self.params, **BASE)
         # The reference keeps its mask as a float32 tensor per parameter (state[p]["mask"]).
-        self.mask = None if masks is None else {p: m.to(torch.float32) for p, m in zip(self.params, masks)}
+        self.mask = None if masks is None else {p: m.to(torch.float32) for p, m in zip(self.params, masks, strict=True)}
         self.e: dict[torch.Tensor, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -152,14 +109,10 @@ def make_variants(params, device, generator):
     }
 
 
-def time_block(opt, steps: int, device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
+def run_steps(opt, steps: int) -> None:
     for _ in range(steps):
         opt.first_step()
         opt.second_step()
-    sync(device)
-    return (time.perf_counter() - t0) / steps * 1e3
 
 
 def bench_model(out: Tee, label: str, model, device, rounds: int, steps: int, seed: int = 0) -> dict:
@@ -171,19 +124,17 @@ def bench_model(out: Tee, label: str, model, device, rounds: int, steps: int, se
     n = sum(p.numel() for p in params)
     variants = make_variants(params, device, torch.Generator(device=device).manual_seed(seed))
     names = list(variants)
-    for name in names:  # warm-up: allocate backups, momentum buffers, e, caches
-        time_block(variants[name], 2, device)
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            times[name].append(time_block(variants[name], steps, device))
+    for opt in variants.values():  # warm-up: allocate backups, momentum buffers, e, caches
+        run_steps(opt, 2)
+    seconds = interleave({name: lambda opt=opt: run_steps(opt, steps) for name, opt in variants.items()},
+                         rounds, device)
+    times = {name: [t / steps * 1e3 for t in ts] for name, ts in seconds.items()}  # ms/step
 
     def med(name):
         return statistics.median(times[name])
 
     def ratio(a, b):
-        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+        return paired_ratio(times, a, b)
 
     out(f"\n## {label}: {n / 1e6:.1f}M parameters in {len(params)} tensors, "
         f"{rounds} rounds x {steps} steps per variant (interleaved)")
@@ -214,8 +165,8 @@ def bench_model(out: Tee, label: str, model, device, rounds: int, steps: int, se
         for p, e in loop.e.items():
             p.sub_(e)
         loop.e = {}
-        off = sum(int((p != w).sum()) for p, w in zip(params, w0))
-        for p, w in zip(params, w0):
+        off = sum(int((p != w).sum()) for p, w in zip(params, w0, strict=True))
+        for p, w in zip(params, w0, strict=True):
             p.copy_(w)
     out(f"reference restore p.sub_(e) after p.add_(e): {off} of {n} weights ({off / n:.2%}) not restored "
         f"bit-exactly in one step (ssam_tune: 0, by construction)")
@@ -225,23 +176,14 @@ def bench_model(out: Tee, label: str, model, device, rounds: int, steps: int, se
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cpu")
+    add_device_args(ap, NAME)
     ap.add_argument("--quick", action="store_true", help="smoke run: ResNet-18 only, 2 rounds")
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the "
-                    "2-core machine is shared, and 2 OpenMP threads next to a busy core time "
-                    "erratically; 0 keeps torch's default)")
-    ap.add_argument("--out", default=None, help="output file ('-' for stdout only; default "
-                    f"benchmarks/{NAME}.txt for a full CPU run)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but CUDA is not available")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    device = setup(args)
     out = Tee()
-    header(out, device)
+    header(out, NAME, device)
     torch.manual_seed(0)
     gpu = device.type == "cuda"
     models = [("resnet18 (CIFAR, 10 classes)", lambda: build_model("resnet18", 10))]
@@ -256,10 +198,7 @@ def main(argv=None) -> None:
             steps = 20 if gpu else (1 if is_wrn else 2)
         bench_model(out, label, build(), device, rounds, steps)
     out(f"# wall time {time.perf_counter() - t_start:.0f} s")
-    path = out_path(args)
-    if path is not None:
-        path.write_text("\n".join(out.lines) + "\n")
-        print(f"(written to {path})")
+    out.save(output_path(args, NAME))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Each variant has its own copy of the same initial model and its own optimizer:
 
 Base optimizer everywhere: SGD(lr=0.05, momentum=0.9, weight_decay=5e-4). Rounds of
 interleaved blocks (the order rotates every round); median ms/step per variant and ratios as
-the median of per-round ratios. No assertion on the numbers.
+the median of per-round ratios (why: benchmarks/_common.py). No assertion on the numbers.
 
     .venv/bin/python benchmarks/bench_step.py              # CPU, writes bench_step.txt
     .venv/bin/python benchmarks/bench_step.py --quick      # smoke run (stdout only)
@@ -21,65 +21,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import Tee, add_device_args, header, interleave, output_path, paired_ratio, setup
 
 from ssam_tune import SAM, SSAM
 from ssam_tune.masks import random_mask
 from ssam_tune.models import build_model, count_params
 
-HERE = Path(__file__).resolve().parent
 NAME = Path(__file__).stem
 BASE = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
 RHO = 0.05
-
-
-class Tee:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def __call__(self, *parts) -> None:
-        line = " ".join(str(p) for p in parts)
-        print(line, flush=True)
-        self.lines.append(line)
-
-
-def header(out: Tee, device: torch.device) -> None:
-    out(f"# {NAME}  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    out(f"# torch {torch.__version__}, python {platform.python_version()}, "
-        f"os.cpu_count()={os.cpu_count()}, torch threads={torch.get_num_threads()}")
-    if device.type == "cuda":
-        out(f"# device: cuda ({torch.cuda.get_device_name(device)}); TF32 allowed: cuDNN convolutions "
-            f"{torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32} (--no-tf32)")
-    else:
-        out(f"# device: cpu ({platform.processor() or platform.machine()}, "
-            f"capability {torch.backends.cpu.get_cpu_capability()})")
-    out(f"# command: {' '.join([Path(sys.argv[0]).name] + sys.argv[1:])}")
-    import ssam_tune
-    out(f"# ssam_tune: {Path(ssam_tune.__file__).parent}")
-
-
-def out_path(args) -> Path | None:
-    if args.out == "-":
-        return None
-    if args.out:
-        return Path(args.out)
-    if args.quick:
-        return None
-    return HERE / (f"{NAME}.txt" if args.device == "cpu" else f"{NAME}_{args.device}.txt")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_steps(model, x, y, sparsity: float, seed: int):
@@ -115,40 +71,22 @@ def make_steps(model, x, y, sparsity: float, seed: int):
     return steps
 
 
-def time_block(step, n: int, device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
+def run_steps(step, n: int) -> None:
     for _ in range(n):
         step()
-    sync(device)
-    return (time.perf_counter() - t0) / n * 1e3
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cpu")
+    add_device_args(ap, NAME, tf32_flag=True)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 1 step")
     ap.add_argument("--width", type=float, default=None, help="ResNet-18 width (default 0.25 on "
                     "CPU, 1.0 on CUDA)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--no-tf32", action="store_true", help="CUDA: float32 convolutions and matmuls "
-                    "in full float32 (PyTorch's default lets cuDNN convolutions use TF32)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the "
-                    "2-core machine is shared, and 2 OpenMP threads next to a busy core time "
-                    "erratically; 0 keeps torch's default)")
-    ap.add_argument("--out", default=None, help="output file ('-' for stdout only; default "
-                    f"benchmarks/{NAME}.txt for a full CPU run)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but CUDA is not available")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    if args.no_tf32:
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+    device = setup(args)
     gpu = device.type == "cuda"
     width = args.width if args.width is not None else (1.0 if gpu else 0.25)
     if args.quick:
@@ -157,7 +95,7 @@ def main(argv=None) -> None:
         rounds, per_block = args.rounds or (31 if gpu else 41), (20 if gpu else 2)
 
     out = Tee()
-    header(out, device)
+    header(out, NAME, device)
     torch.manual_seed(0)
     model = build_model("resnet18", 10, width=width).to(device).train()
     g = torch.Generator().manual_seed(1)
@@ -165,16 +103,14 @@ def main(argv=None) -> None:
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
     steps = make_steps(model, x, y, sparsity=0.5, seed=2)
     names = list(steps)
-    for name in names:  # warm-up: allocator, momentum buffers, backups, cuDNN/oneDNN choices
-        time_block(steps[name], 2, device)
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            times[name].append(time_block(steps[name], per_block, device))
+    for step in steps.values():  # warm-up: allocator, momentum buffers, backups, cuDNN/oneDNN choices
+        run_steps(step, 2)
+    seconds = interleave({name: lambda step=step: run_steps(step, per_block) for name, step in steps.items()},
+                         rounds, device)
+    times = {name: [t / per_block * 1e3 for t in ts] for name, ts in seconds.items()}  # ms/step
 
     def ratio(a, b):
-        return statistics.median(u / v for u, v in zip(times[a], times[b]))
+        return paired_ratio(times, a, b)
 
     out(f"\n## resnet18 width {width} ({count_params(model) / 1e6:.2f}M parameters), batch {args.batch}, "
         f"32x32 random data, train mode; {rounds} rounds x {per_block} steps per variant (interleaved)")
@@ -189,10 +125,7 @@ def main(argv=None) -> None:
     out(f"  SSAM/SAM   {ssam_sam:7.3f}   (target <= 1.05)")
     out(f"target SSAM/SAM <= 1.05: {'met' if ssam_sam <= 1.05 else 'NOT met'}")
     out(f"# wall time {time.perf_counter() - t_start:.0f} s")
-    path = out_path(args)
-    if path is not None:
-        path.write_text("\n".join(out.lines) + "\n")
-        print(f"(written to {path})")
+    out.save(output_path(args, NAME))
 
 
 if __name__ == "__main__":

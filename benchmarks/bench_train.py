@@ -13,20 +13,20 @@ Output is written line by line (flushed), so a run cut short still leaves its nu
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import Tee, header, interleave  # noqa: E402
 
 from ssam_tune.config import config_from_dict  # noqa: E402
 from ssam_tune.data import load_dataset  # noqa: E402
 from ssam_tune.train import Trainer  # noqa: E402
 
+NAME = Path(__file__).stem
 METHODS = [("sgd", {}), ("sam", {}), ("ssam_f", {"sparsity": 0.5, "N_F": 128}), ("ssam_d", {"sparsity": 0.5})]
 
 
@@ -44,18 +44,10 @@ def main() -> None:
     width = args.width or (1.0 if gpu else 0.25)
     bs = args.batch_size or (128 if gpu else 64)
     steps = args.steps or (35 if gpu else 8)
-    out = open(args.out, "w") if args.out else None
+    say = Tee(live=args.out)  # each line is written to --out as it comes
 
-    def say(line: str = "") -> None:
-        print(line, flush=True)
-        if out:
-            out.write(line + "\n")
-            out.flush()
-
-    start = time.time()
-    say(f"# bench_train  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    dev_name = torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()
-    say(f"# torch {torch.__version__}, device {args.device} ({dev_name}), cpu threads {torch.get_num_threads()}")
+    start = time.perf_counter()
+    header(say, NAME, args.device)
     say(f"# resnet18 width {width}, batch {bs}, {steps} steps per timed epoch, embedded CIFAR-10 subset in memory"
         f"{', bf16 autocast + channels_last' if gpu else ', fp32'}")
     data = load_dataset("embedded", val_fraction=0.1, seed=0)
@@ -67,21 +59,17 @@ def main() -> None:
         trainers[name] = Trainer(cfg, data=data)
         trainers[name]._train_epoch()  # warm-up: allocator, cuDNN autotuning, first mask
     rates: dict[str, list[float]] = {name: [] for name, _ in METHODS}
-    for r in range(args.rounds):
-        if time.time() - start > args.budget_s and r > 0:
-            say(f"# time budget reached after {r} rounds")
-            break
-        for name, _ in METHODS:
-            tr = trainers[name]
-            if gpu:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            m = tr._train_epoch()
-            if gpu:
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            rates[name].append(m["train_images"] / dt)
-            say(f"round {r}: {name:7s} {m['train_images'] / dt:10.1f} img/s")
+
+    def record(r: int, name: str, seconds: float, metrics) -> None:
+        rates[name].append(metrics["train_images"] / seconds)
+        say(f"round {r}: {name:7s} {rates[name][-1]:10.1f} img/s")
+
+    # Rounds in a fixed method order; no round starts after --budget-s (the first always runs).
+    times = interleave({name: tr._train_epoch for name, tr in trainers.items()}, args.rounds, args.device,
+                       rotate=False, each=record, deadline=start + args.budget_s)
+    done = min(len(t) for t in times.values())
+    if done < args.rounds:
+        say(f"# time budget reached after {done} rounds")
     say()
     say(f"{'method':8s} {'median img/s':>14s} {'vs sgd':>8s} {'vs sam':>8s}")
     med = {k: statistics.median(v) for k, v in rates.items() if v}
@@ -90,7 +78,7 @@ def main() -> None:
     say("# SAM and SSAM do two forward/backward passes per step (about 0.5x SGD expected); SSAM's")
     say("# mask makes no dense-hardware saving (the paper's savings are theoretical), so SSAM ~ SAM;")
     say("# ssam_f includes one Fisher refresh (N_F=128) per timed epoch, as T_m=1 does.")
-    say(f"# total {time.time() - start:.0f} s")
+    say(f"# total {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -19,11 +19,12 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-__all__ = ["Config", "ConfigError", "DataConfig", "MethodConfig", "ModelConfig", "TrainConfig",
+from ssam_tune.methods import METHODS
+
+__all__ = ["Config", "ConfigError", "ConfirmConfig", "DataConfig", "MethodConfig", "ModelConfig",
+           "ResourcesConfig", "SchedulerConfig", "TrainConfig", "TuneConfig", "build_section",
            "config_from_dict", "config_to_dict", "load_config", "load_yaml", "set_by_path"]
 
-METHOD_NAMES = ("sgd", "sam", "ssam_f", "ssam_d", "ssam_random")
-SPARSE_METHODS = ("ssam_f", "ssam_d", "ssam_random")
 MODEL_NAMES = ("resnet18", "wrn28_10", "vgg11_bn", "resnet50")
 DATASET_NAMES = ("embedded", "cifar10", "cifar100", "imagefolder")
 
@@ -83,12 +84,17 @@ class TrainConfig:
     precision: str = _f("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 autocast on GPU
     channels_last: bool | None = _f(None)  # null: on GPU only
     max_steps_per_epoch: int | None = _f(None, lo=1)  # cap for smoke runs
-    test_every: int = _f(1, lo=0, hi=100000)  # evaluate test every k epochs (0: final epoch only)
+    # Evaluate the test set every k epochs (0: only at the final epoch), and always at an epoch
+    # with a new best validation accuracy (test_acc_at_best). Reported, never used to select.
+    test_every: int = _f(1, lo=0, hi=100000)
+    # Fault injection for tests: the training loss is NaN from this global step on, so a
+    # divergence does not depend on how a CPU rounds a huge learning rate (null: off).
+    inject_nan_at_step: int | None = _f(None, lo=0)
 
 
 @dataclass
 class MethodConfig:
-    name: str = _f("ssam_f", choices=METHOD_NAMES)
+    name: str = _f("ssam_f", choices=tuple(METHODS))
     rho: float = _f(0.1, lo=0.0, hi=10.0)  # perturbation radius (Eq. 2)
     sparsity: float = _f(0.5, lo=0.0, hi=1.0, hi_open=True)  # fraction NOT perturbed
     normalize: str = _f("full", choices=("full", "masked"))
@@ -114,8 +120,54 @@ class Config:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "method": MethodConfig}
 
 
+# -- the tune: section of a search space (its own rules: space.py adds the cross-key ones) ----
+OBJECTIVES = ("single", "multi")
+SAMPLERS = ("tpe", "nsga2", "random")
+BASELINES = ("sgd", "sam", "ssam")
+# tune.flops -> the per-epoch metric that is the search's cost axis.
+COST_METRICS = {"theoretical": "flops_theoretical", "executed": "flops_executed", "wall": "train_seconds"}
+
+
+@dataclass
+class SchedulerConfig:
+    type: str = _f("asha", choices=("asha", "none"))
+    grace_period: int | None = _f(None, lo=1)  # default: a quarter of train.epochs
+    reduction_factor: float = _f(3.0, lo=1.0, lo_open=True)
+
+
+@dataclass
+class ResourcesConfig:
+    cpu: float = _f(1.0, lo=0.0, lo_open=True)
+    gpu: float = _f(0.0, lo=0.0, hi=1.0, help="a fraction of one GPU per trial")
+
+
+@dataclass
+class ConfirmConfig:
+    top_k: int = _f(3, lo=1)  # front points re-run with fresh seeds
+    seeds: list = _f([1, 2, 3])
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = _f(20, lo=1)
+    objective: str = _f("multi", choices=OBJECTIVES)
+    flops: str = _f("theoretical", choices=tuple(COST_METRICS))
+    sampler: str = _f("tpe", choices=SAMPLERS)
+    n_startup_trials: int = _f(10, lo=0)
+    seed: int = _f(0, lo=0)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    baselines: list = _f(list(BASELINES))
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    max_concurrent_trials: int | None = _f(None, lo=1)
+    time_budget_s: float | None = _f(None, lo=0.0, lo_open=True)
+    storage_path: str | None = _f(None)
+    max_failures: int = _f(2, lo=0)
+    keep_checkpoints: int = _f(2, lo=1, hi=2, help="bounded disk use")
+    confirm: ConfirmConfig | None = _f(None)
+
+
 def _type_name(tp) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
     args = [a for a in get_args(tp) if a is not type(None)]
     if args:
         return " or ".join(names.get(a, str(a)) for a in args) + " (or null)"
@@ -150,6 +202,9 @@ def _coerce(value: Any, tp, path: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif tp is list:
+        if isinstance(value, list):
+            return list(value)
     return _fail_type(value, tp, path)
 
 
@@ -158,21 +213,31 @@ def _fail_type(value, tp, path):
 
 
 def _check_rule(value: Any, meta: dict, path: str) -> None:
+    """A value against its field's rule; the message states the whole rule, e.g.
+    ``must be in [0.0, 1.0), got 1.0``."""
     if value is None:
         return
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(path, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
-        op = ">" if meta.get("lo_open") else ">="
-        raise ConfigError(path, f"must be {op} {lo}, got {value!r}")
-    if hi is not None and (value >= hi if meta.get("hi_open") else value > hi):
-        op = "<" if meta.get("hi_open") else "<="
-        raise ConfigError(path, f"must be {op} {hi}, got {value!r}")
+    lo, hi, lo_open, hi_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open"), meta.get("hi_open")
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    above = hi is not None and (value >= hi if hi_open else value > hi)
+    if not (below or above):
+        return
+    if lo is not None and hi is not None:
+        rule = f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        rule = f"must be {'>' if lo_open else '>='} {lo}"
+    else:
+        rule = f"must be {'<' if hi_open else '<='} {hi}"
+    why = f" ({meta['help']})" if meta.get("help") else ""
+    raise ConfigError(path, f"{rule}, got {value!r}{why}")
 
 
-def _build(cls, data: Any, prefix: str):
+def build_section(cls, data: Any, prefix: str):
+    """Build the rule-annotated dataclass ``cls`` from a YAML mapping; errors name
+    ``prefix + key``. Nested dataclass fields are built recursively."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -188,8 +253,9 @@ def _build(cls, data: Any, prefix: str):
         path = f"{prefix}{name}"
         if name not in data:
             continue
-        if name in SECTIONS and cls is Config:
-            kwargs[name] = _build(SECTIONS[name], data[name], f"{name}.")
+        section = next((a for a in (hints[name], *get_args(hints[name])) if dataclasses.is_dataclass(a)), None)
+        if section is not None and (data[name] is not None or type(None) not in get_args(hints[name])):
+            kwargs[name] = build_section(section, data[name], f"{path}.")
             continue
         value = _coerce(data[name], hints[name], path)
         _check_rule(value, f.metadata, path)
@@ -208,13 +274,14 @@ def _check_cross(cfg: Config) -> None:
     if cfg.model.name == "resnet50" and cfg.model.width != 1.0:
         raise ConfigError("model.width", "resnet50 has no width multiplier; use 1.0")
     if (cfg.model.depth - 4) % 6:
-        raise ConfigError("model.depth", f"WideResNet depth must be 6n + 4 (10, 16, 22, 28, ...), got {cfg.model.depth}")
+        raise ConfigError("model.depth",
+                          f"WideResNet depth must be 6n + 4 (10, 16, 22, 28, ...), got {cfg.model.depth}")
 
 
 def config_from_dict(data: Any, source: str | None = None) -> Config:
     """Build and validate a :class:`Config`; errors carry ``source`` (a file name)."""
     try:
-        cfg = _build(Config, data, "")
+        cfg = build_section(Config, data, "")
         _check_cross(cfg)
     except ConfigError as err:
         raise ConfigError(err.path, err.rule, source) from None

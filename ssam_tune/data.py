@@ -490,7 +490,7 @@ def _read_images(files: list[str], num_threads: int | None) -> torch.Tensor:
     def work(chunk: list[str]) -> torch.Tensor:
         images = [decode_image(read_file(f), mode=ImageReadMode.RGB) for f in chunk]
         shape = images[0].shape
-        for f, im in zip(chunk, images):
+        for f, im in zip(chunk, images, strict=True):
             if im.shape != shape:
                 raise DataError(f"{f}: size {tuple(im.shape[1:])} differs from "
                                 f"{tuple(shape[1:])}; in-memory data sets need one size")

@@ -86,7 +86,7 @@ class ResNet18(nn.Module):
         self.bn1 = nn.BatchNorm2d(widths[0])
         in_planes = widths[0]
         stages = []
-        for i, (planes, n) in enumerate(zip(widths, blocks)):
+        for i, (planes, n) in enumerate(zip(widths, blocks, strict=True)):
             layers = []
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
@@ -272,8 +272,7 @@ def build_model(name: str, num_classes: int, *, width: float = 1.0, input_size: 
 
     ``width`` multiplies every channel count (rounded, at least 1; ``resnet50`` only
     supports 1.0). ``input_size`` is the side of the square input images; all models end
-    in an adaptive average pool, so it is only checked (``vgg11_bn`` needs >= 32) and
-    recorded as ``model.input_shape = (3, input_size, input_size)`` for FLOPs counting.
+    in an adaptive average pool, so it is only checked (``vgg11_bn`` needs >= 32).
     Extra keyword arguments go to the builder (``wrn28_10``: ``depth``, ``widen_factor``,
     ``dropout``). An unknown name raises ``ValueError`` listing the choices.
     """
@@ -285,9 +284,7 @@ def build_model(name: str, num_classes: int, *, width: float = 1.0, input_size: 
         raise ValueError(f"width must be positive, got width={width!r}")
     if not isinstance(input_size, int) or input_size < 1:
         raise ValueError(f"input_size must be a positive int, got input_size={input_size!r}")
-    model = MODELS[name](num_classes, width=width, input_size=input_size, **kw)
-    model.input_shape = (3, input_size, input_size)
-    return model
+    return MODELS[name](num_classes, width=width, input_size=input_size, **kw)
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

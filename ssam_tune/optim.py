@@ -17,7 +17,7 @@ see a model, a data loader or an epoch: masks come from :mod:`ssam_tune.masks`.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -268,19 +268,32 @@ class SSAM(SAM):
         if len(masks) != len(params):
             raise ValueError(f"masks must have one tensor per parameter: got {len(masks)}, expected {len(params)}")
         out = []
-        for i, (p, m) in enumerate(zip(params, masks)):
+        for i, (p, m) in enumerate(zip(params, masks, strict=True)):
             if not isinstance(m, torch.Tensor) or m.shape != p.shape:
                 shape = getattr(m, "shape", type(m).__name__)
                 raise ValueError(f"masks[{i}] must be a tensor of shape {tuple(p.shape)}, got {shape}")
             out.append(m.to(device=p.device, dtype=torch.bool))
         self._masks = out
-        self._mask_of = dict(zip(params, out))
+        self._mask_of = dict(zip(params, out, strict=True))
 
-    def set_masks_from_scores(self, scores: list[torch.Tensor]) -> None:
-        """Keep the top floor((1 - sparsity) * d) scores globally (SSAM-F, Eq. 6)."""
+    def set_masks_from_scores(self, scores: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> None:
+        """Keep the top floor((1 - sparsity) * d) scores globally (SSAM-F, Eq. 6).
+
+        ``scores[i]`` belongs to ``params[i]`` (for :func:`~ssam_tune.masks.fisher_scores`,
+        ``list(model.parameters())``); the scores are matched to this optimizer's parameters
+        by identity, so a param_groups order that differs from the model's cannot misplace
+        them. ``params`` must hold each of the optimizer's parameters exactly once."""
         from ssam_tune.masks import topk_mask
 
-        self.set_masks(topk_mask(scores, self.sparsity))
+        scores, params = list(scores), list(params)
+        if len(scores) != len(params):
+            raise ValueError(f"scores and params must have the same length, got {len(scores)} and {len(params)}")
+        by_param = {p: sc for p, sc in zip(params, scores, strict=True)}
+        mine = self.params()
+        if len(by_param) != len(params) or set(by_param) != set(mine):
+            raise ValueError("params must hold each of the optimizer's parameters exactly once "
+                             f"(got {len(params)} tensors for {len(mine)} parameters)")
+        self.set_masks(topk_mask([by_param[p] for p in mine], self.sparsity))
 
     def dynamic_update(self, t: float, total: float, *, alpha: float = 0.5, strategy: str = "flattest",
                        generator: torch.Generator | None = None) -> None:
@@ -301,7 +314,7 @@ class SSAM(SAM):
         (its version counter moves), so the cache never changes what is applied.
         """
         out = []
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             mask = self._mask_of[p]
             version, m = self._mask_cast.get(p, (None, None))
             if m is None or version != mask._version or m.dtype != g.dtype or m.device != g.device:

@@ -11,7 +11,6 @@ experiment goes to ``<storage>/<name>`` (default storage: ``results/ray``), the 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import os
 import sys
@@ -20,48 +19,10 @@ from pathlib import Path
 import yaml
 
 from ssam_tune.config import ConfigError
-from ssam_tune.space import NAME_RE, SearchSpace, load_space, smoke
+from ssam_tune.experiment import RESULTS, SPACE_FILE, Experiment, resolve_storage
+from ssam_tune.space import NAME_RE, SearchSpace, load_space, smoke, space_to_dict
 
 __all__ = ["main", "run_search", "space_to_dict"]
-
-RESULTS = Path("results")
-SPACE_FILE = "space.yaml"
-JOURNAL_FILE = "optuna.journal"
-
-
-def space_to_dict(space: SearchSpace) -> dict:
-    """A YAML dict that :func:`load_space` reads back into the same space."""
-    out = {"name": space.name, **copy.deepcopy(space.base)}
-    if space.search:
-        out["search"] = {}
-        for d in space.search:
-            spec = {"type": d.type}
-            if d.type == "choice":
-                spec["values"] = list(d.values)
-            else:
-                spec.update(low=d.low, high=d.high)
-                if d.step is not None:
-                    spec["step"] = d.step
-            out["search"][d.key] = spec
-    else:
-        out["cases"] = copy.deepcopy(space.cases)
-        out["seeds"] = list(space.seeds)
-    t = space.tune
-    out["tune"] = {
-        "num_samples": t.num_samples, "objective": t.objective, "flops": t.flops, "sampler": t.sampler,
-        "n_startup_trials": t.n_startup_trials, "seed": t.seed,
-        "scheduler": {"type": "asha", "grace_period": t.grace_period, "reduction_factor": t.reduction_factor}
-        if t.scheduler == "asha" else "none",
-        "baselines": list(t.baselines) or False, "resources": {"cpu": t.cpu, "gpu": t.gpu},
-        "max_concurrent_trials": t.max_concurrent_trials, "time_budget_s": t.time_budget_s,
-        "storage_path": t.storage_path, "max_failures": t.max_failures, "keep_checkpoints": t.keep_checkpoints,
-    }
-    if t.confirm_top_k:
-        out["tune"]["confirm"] = {"top_k": t.confirm_top_k, "seeds": list(t.confirm_seeds)}
-    if space.mode == "cases":
-        for key in ("num_samples", "baselines"):
-            out["tune"].pop(key)
-    return out
 
 
 def _trial_name(trial) -> str:
@@ -143,10 +104,7 @@ def prepare(args) -> SearchSpace:
 
 
 def _storage(args, space: SearchSpace) -> str:
-    storage = args.storage or space.tune.storage_path or str(Path(args.results) / "ray")
-    if "://" in storage:
-        return storage.rstrip("/")
-    return str(Path(storage).expanduser().resolve())
+    return resolve_storage(args.storage or space.tune.storage_path or str(Path(args.results) / "ray"))
 
 
 def _init_ray(address: str | None) -> None:
@@ -187,17 +145,16 @@ def run_search(space: SearchSpace, *, storage: str, resume: bool, address: str |
     if t.confirm_top_k:
         from ssam_tune.export import confirm_cases, export_confirmation
 
-        runs = confirm_cases(f"{storage}/{space.name}", t.confirm_top_k, t.confirm_seeds)
+        runs = confirm_cases(Experiment.at(storage, space.name).root, t.confirm_top_k, t.confirm_seeds)
         if not runs:
             print("confirmation skipped: no completed trial on the front")
             return out
         cspace = confirmation_space(space, runs)
-        cdir = f"{storage}/{cspace.name}"
-        again = "://" not in storage and (Path(cdir) / "tuner.pkl").exists()
+        cexp = Experiment.at(storage, cspace.name)
         print(f"confirming {len(cspace.cases)} front point(s) with seeds {cspace.seeds}")
-        _run_experiment(cspace, storage=storage, resume=again, address=address, results=results,
+        _run_experiment(cspace, storage=storage, resume=cexp.started, address=address, results=results,
                         trainable=trainable)
-        export_confirmation(cdir, out)
+        export_confirmation(cexp.root, out)
     return out
 
 
@@ -217,32 +174,24 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
     # A result without val_acc (e.g. an early divergence) must not abort the experiment;
     # the searcher and ASHA handle missing values themselves.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    local = "://" not in storage
-    exp_dir = f"{storage}/{space.name}"
-    journal = str(Path(exp_dir) / JOURNAL_FILE) if local else \
-        str(Path("~/.cache/ssam_tune/optuna").expanduser() / f"{space.name}.journal")
+    exp = Experiment.at(storage, space.name)
     out = Path(results) / space.name
-    if local:
-        Path(exp_dir).mkdir(parents=True, exist_ok=True)
-        Path(journal).parent.mkdir(parents=True, exist_ok=True)
-        space_file = Path(exp_dir) / SPACE_FILE
-        if not space_file.exists():
-            tmp = space_file.with_suffix(".tmp")
-            tmp.write_text(yaml.safe_dump(space_to_dict(space), sort_keys=False))
-            os.replace(tmp, space_file)
+    exp.make()
+    if not exp.exists(SPACE_FILE):
+        exp.write_text(SPACE_FILE, yaml.safe_dump(space_to_dict(space), sort_keys=False))
     _init_ray(address)
     try:
         t = space.tune
         trainable = tune.with_resources(trainable or train_trial, {"cpu": t.cpu, "gpu": t.gpu})
         if resume:
-            tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(exp.root, trainable, resume_unfinished=True, resume_errored=True)
         else:
             scheduler = None
             if t.scheduler == "asha":
                 scheduler = AnchoredASHA(time_attr="epoch", metric="val_acc", mode="max", max_t=space.epochs,
                                          grace_period=t.grace_period, reduction_factor=t.reduction_factor,
-                                         exp_dir=exp_dir)
-            searcher = SsamSearcher(space, journal, exp_dir)
+                                         exp=exp)
+            searcher = SsamSearcher(space, exp)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
@@ -259,18 +208,14 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
         import ray
 
         ray.shutdown()
-    if space.mode == "search" and Path(journal).exists():
-        _close_orphans(journal, space)
-    export_experiment(exp_dir, out)
+    if space.mode == "search" and Path(exp.journal_path()).exists():
+        # After fit() every trial Ray knows has finished: an Optuna trial still RUNNING was
+        # asked by a driver killed before Ray recorded it. Mark it failed (orphaned).
+        from ssam_tune.study import close_orphans, open_study
+
+        close_orphans(open_study(exp.journal_path(), space.name, space.tune.objective))
+    export_experiment(exp.root, out)
     return out
-
-
-def _close_orphans(journal: str, space: SearchSpace) -> None:
-    """After fit() every trial Ray knows has finished: an Optuna trial still RUNNING was
-    asked by a driver that was killed before Ray recorded it. Mark it failed (orphaned)."""
-    from ssam_tune.search import close_orphans, open_study
-
-    close_orphans(open_study(journal, space.name, space.tune.objective))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,18 +226,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(describe(space))
             return 0
-        exp_dir = f"{storage}/{space.name}"
-        exists = "://" not in storage and (Path(exp_dir) / "tuner.pkl").exists()
-        if args.resume and "://" not in storage and not exists:
-            raise ConfigError("--resume", f"no experiment to resume at {exp_dir}")
+        exp = Experiment.at(storage, space.name)
+        try:
+            exists = exp.started
+        except (OSError, ValueError) as err:  # pyarrow: unknown scheme, no credentials, no bucket
+            raise ConfigError("--storage", f"cannot reach {exp.root} ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); check the URI and the "
+                              "credentials, or use a local folder") from None
+        if args.resume and not exists:
+            raise ConfigError("--resume", f"no experiment to resume at {exp.root}")
         if not args.resume and exists:
-            raise ConfigError("--name", f"experiment {space.name!r} already exists at {exp_dir}; "
+            raise ConfigError("--name", f"experiment {space.name!r} already exists at {exp.root}; "
                               "use --resume to finish it or --name for a new one")
-        if args.resume and exists and (Path(exp_dir) / SPACE_FILE).exists():
+        stored_text = exp.read_text(SPACE_FILE) if args.resume else None
+        if stored_text is not None:
             # finish the experiment as it was started, whatever the YAML says now
-            stored = load_space(Path(exp_dir) / SPACE_FILE, check_paths=False)
+            stored = load_space(exp.join(SPACE_FILE), data=yaml.safe_load(stored_text), check_paths=False)
             if space_to_dict(stored) != space_to_dict(space):
-                print(f"note: resuming with the space stored in {exp_dir}/{SPACE_FILE} "
+                print(f"note: resuming with the space stored in {exp.join(SPACE_FILE)} "
                       f"(it differs from {args.space})", file=sys.stderr)
             space = stored
     except ConfigError as err:

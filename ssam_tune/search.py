@@ -13,15 +13,15 @@ Two Ray Tune 2.60 traps this module exists to avoid (background notes, section 5
   ASHA's rungs are lost. Ray does save callback state with every experiment checkpoint and
   restores it before re-adding trials: :class:`RungStateCallback` carries the rungs across.
 
-The Optuna study lives in a journal file (``optuna.journal``) that survives driver crashes
-and can be opened with ``optuna-dashboard``.
+The Optuna study lives in a journal file (see :mod:`ssam_tune.study`) that survives driver
+crashes and can be opened with ``optuna-dashboard``. Private Optuna and Ray attributes are
+reached only through :mod:`ssam_tune._private`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 
 import optuna
@@ -29,9 +29,12 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from ssam_tune import _private
+from ssam_tune.experiment import RUNGS_FILE, Experiment
 from ssam_tune.space import SearchSpace, resolve_config, sample_params
+from ssam_tune.study import close_orphans, open_study
 
-__all__ = ["AnchoredASHA", "RungStateCallback", "SsamSearcher", "close_orphans", "make_sampler", "open_study"]
+__all__ = ["AnchoredASHA", "RungStateCallback", "SsamSearcher", "make_sampler"]
 
 log = logging.getLogger(__name__)
 META = "ssam_tune"  # key of the trial config that carries our bookkeeping
@@ -46,18 +49,6 @@ def make_sampler(kind: str, seed: int, n_startup: int):
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def open_study(journal_path: str, name: str, objective: str, sampler=None) -> optuna.Study:
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
-    # The open-lock works on NFS too (the experiment directory of a cluster).
-    backend = JournalFileBackend(journal_path, lock_obj=JournalFileOpenLock(journal_path))
-    directions = ["maximize"] if objective == "single" else ["maximize", "minimize"]
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "Using an existing study" chatter
-    return optuna.create_study(storage=JournalStorage(backend), study_name=name, directions=directions,
-                               sampler=sampler, load_if_exists=True)
-
-
 class SsamSearcher(Searcher):
     """Fixed trials first (baselines, or the cases crossed with seeds), then Optuna's.
 
@@ -66,11 +57,11 @@ class SsamSearcher(Searcher):
     bookkeeping so exports can join the journal with Ray's results.
     """
 
-    def __init__(self, space: SearchSpace, journal_path: str, exp_dir: str) -> None:
+    def __init__(self, space: SearchSpace, exp: Experiment) -> None:
         super().__init__(metric="val_acc", mode="max")
         self.space = space
-        self.journal_path = journal_path
-        self.exp_dir = exp_dir
+        self.journal_path = exp.journal_path()
+        self.exp_dir = exp.root
         self._fixed = [(label, cfg) for label, cfg in space.fixed_trials()]
         self._issued_fixed = 0
         self._sampled = 0
@@ -119,11 +110,8 @@ class SsamSearcher(Searcher):
         info["last"] = {k: result.get(k) for k in ("epoch", "val_acc", "status", self.space.tune.flops_metric)}
         if info["number"] is not None and self.space.tune.objective == "single" and result.get("val_acc") is not None:
             # intermediate values show learning curves in optuna-dashboard
-            self.study._storage.set_trial_intermediate_value(self._optuna_id(info["number"]), int(result["epoch"]),
-                                                             float(result["val_acc"]))
-
-    def _optuna_id(self, number: int) -> int:
-        return self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
+            _private.optuna_set_intermediate(self.study, info["number"], int(result["epoch"]),
+                                             float(result["val_acc"]))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         info = self._trials.get(trial_id)
@@ -143,26 +131,29 @@ class SsamSearcher(Searcher):
         status = last.get("status")
         flops = last.get(t.flops_metric)
         epoch = last.get("epoch") or 0
-        tid = self._optuna_id(number)
-        storage = self.study._storage
-        if storage.get_trial(tid).state.is_finished():
+        study = self.study
+        if _private.optuna_trial_finished(study, number):
             return
+
+        def mark(key, value):
+            _private.optuna_set_user_attr(study, number, key, value)
+
         if error:
-            storage.set_trial_user_attr(tid, "status", "errored")
+            mark("status", "errored")
             self.study.tell(number, state=optuna.trial.TrialState.FAIL)
         elif status == "diverged":
             # accuracy 0 teaches the sampler to stay away; never on a front (status attr)
-            storage.set_trial_user_attr(tid, "status", "diverged")
+            mark("status", "diverged")
             values = [0.0] if t.objective == "single" else [0.0, float(flops or 0.0)]
             self.study.tell(number, values)
         elif status == "completed" and epoch >= self.space.epochs and last.get("val_acc") is not None:
-            storage.set_trial_user_attr(tid, "status", "completed")
+            mark("status", "completed")
             values = [float(last["val_acc"])] if t.objective == "single" else [float(last["val_acc"]), float(flops)]
             self.study.tell(number, values)
         else:
             # stopped early (ASHA, time budget): a truncated accuracy is not a final value
-            storage.set_trial_user_attr(tid, "status", "pruned")
-            storage.set_trial_user_attr(tid, "epochs_reached", int(epoch))
+            mark("status", "pruned")
+            mark("epochs_reached", int(epoch))
             self.study.tell(number, state=optuna.trial.TrialState.PRUNED)
 
     # -- persistence ------------------------------------------------------------------------
@@ -173,7 +164,7 @@ class SsamSearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as fh:
-            state = pickle.load(fh)
+            state = pickle.load(fh)  # noqa: S301 - Ray's own searcher checkpoint, written by save()
         self.__dict__.update(state)
         self._study = None
         self.reconcile()
@@ -192,12 +183,12 @@ class AnchoredASHA(ASHAScheduler):
     """ASHA on validation accuracy over epochs, except that anchor trials (the SGD/SAM/SSAM
     baselines every front needs) always run to full fidelity.
 
-    With ``exp_dir`` it keeps a readable copy of its rungs in ``<exp_dir>/asha_rungs.json``.
+    With ``exp`` it keeps a readable copy of its rungs in the experiment (``asha_rungs.json``).
     """
 
-    def __init__(self, *args, exp_dir: str | None = None, **kwargs) -> None:
+    def __init__(self, *args, exp: Experiment | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.exp_dir = exp_dir
+        self.exp = exp
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
@@ -207,28 +198,21 @@ class AnchoredASHA(ASHAScheduler):
         return action
 
     def _write_rungs(self) -> None:
-        if not self.exp_dir or "://" in self.exp_dir or not os.path.isdir(self.exp_dir):
+        if self.exp is None or not self.exp.is_local or not self.exp.path.is_dir():
             return
         state = self.rung_state()
         readable = {"num_stopped": state["num_stopped"],
                     "rungs": [{str(m): rec for m, rec in bracket} for bracket in state["rungs"]]}
-        path = os.path.join(self.exp_dir, "asha_rungs.json")
         try:
-            with open(path + ".tmp", "w") as fh:
-                json.dump(readable, fh, indent=1, sort_keys=True)
-            os.replace(path + ".tmp", path)
+            self.exp.write_text(RUNGS_FILE, json.dumps(readable, indent=1, sort_keys=True))
         except OSError as err:  # a read-only or vanished folder must not stop the search
-            log.warning("could not write %s: %s", path, err)
+            log.warning("could not write %s: %s", self.exp.join(RUNGS_FILE), err)
 
     def rung_state(self) -> dict:
-        return {"rungs": [[(m, dict(rec)) for m, rec in b._rungs] for b in self._brackets],
-                "num_stopped": self._num_stopped}
+        return _private.asha_rungs(self)
 
     def load_rung_state(self, state: dict) -> None:
-        for bracket, rungs in zip(self._brackets, state["rungs"]):
-            saved = dict(rungs)
-            bracket._rungs = [(m, dict(saved.get(m, {}))) for m, _ in bracket._rungs]
-        self._num_stopped = state["num_stopped"]
+        _private.asha_load_rungs(self, state)
 
 
 class RungStateCallback(Callback):
@@ -244,15 +228,3 @@ class RungStateCallback(Callback):
     def set_state(self, state: dict) -> None:
         if self.scheduler is not None and state:
             self.scheduler.load_rung_state(state)
-
-
-def close_orphans(study: optuna.Study, keep: set[int] = frozenset()) -> int:
-    """Mark the study's RUNNING trials (except the numbers in ``keep``) failed, with
-    ``status=orphaned``: they were asked by a driver killed before Ray recorded them."""
-    closed = 0
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if trial.number not in keep:
-            study._storage.set_trial_user_attr(trial._trial_id, "status", "orphaned")
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-            closed += 1
-    return closed

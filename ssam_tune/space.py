@@ -17,32 +17,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssam_tune.config import (SPARSE_METHODS, Config, ConfigError, config_from_dict, config_to_dict,
-                              get_by_path, load_yaml, set_by_path)
+from ssam_tune.config import (
+    BASELINES,
+    COST_METRICS,
+    Config,
+    ConfigError,
+    TuneConfig,
+    build_section,
+    config_from_dict,
+    config_to_dict,
+    get_by_path,
+    load_yaml,
+    set_by_path,
+)
+from ssam_tune.experiment import is_uri
+from ssam_tune.methods import METHODS, applies
 
-__all__ = ["Dist", "SearchSpace", "TuneSettings", "load_space", "resolve_config", "sample_params", "smoke"]
+__all__ = ["Dist", "SearchSpace", "TuneSettings", "load_space", "resolve_config", "sample_params", "smoke",
+           "space_to_dict"]
 
 DIST_TYPES = ("uniform", "loguniform", "int", "choice")
 TOP_KEYS = ("name", "seed", "model", "data", "train", "method", "search", "cases", "seeds", "tune")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-# Keys that only mean something for some methods (sampled conditionally, define-by-run).
-CONDITIONAL = {
-    "method.N_F": ("ssam_f",),
-    "method.fisher_bn": ("ssam_f",),
-    "method.alpha": ("ssam_d",),
-    "method.drop": ("ssam_d",),
-    "method.sparsity": SPARSE_METHODS,
-    "method.T_m": SPARSE_METHODS,
-    "method.normalize": SPARSE_METHODS,
-    "method.mask_unit": SPARSE_METHODS,
-    "method.fixed_mask": SPARSE_METHODS,
-    "method.rho": ("sam",) + SPARSE_METHODS,
-    "method.bn_second_pass": ("sam",) + SPARSE_METHODS,
-}
-OBJECTIVES = ("single", "multi")
-FLOPS_KINDS = {"theoretical": "flops_theoretical", "executed": "flops_executed", "wall": "train_seconds"}
-SAMPLERS = ("tpe", "nsga2", "random")
-BASELINES = ("sgd", "sam", "ssam")
 
 
 @dataclass(frozen=True)
@@ -65,29 +61,32 @@ class Dist:
 
 @dataclass
 class TuneSettings:
-    num_samples: int = 20
-    objective: str = "multi"
-    flops: str = "theoretical"
-    sampler: str = "tpe"
-    n_startup_trials: int = 10
-    seed: int = 0
-    scheduler: str = "asha"
-    grace_period: int | None = None  # default: a quarter of the epochs
-    reduction_factor: float = 3.0
-    baselines: list = field(default_factory=lambda: list(BASELINES))
-    cpu: float = 1.0
-    gpu: float = 0.0
-    max_concurrent_trials: int | None = None
-    time_budget_s: float | None = None
-    storage_path: str | None = None
-    max_failures: int = 2
-    keep_checkpoints: int = 2
-    confirm_top_k: int = 0
+    """The resolved ``tune:`` section, flat. Its value rules and defaults are
+    :class:`~ssam_tune.config.TuneConfig`'s; :func:`_parse_tune` builds it."""
+
+    num_samples: int
+    objective: str
+    flops: str
+    sampler: str
+    n_startup_trials: int
+    seed: int
+    scheduler: str  # asha or none
+    baselines: list
+    cpu: float
+    gpu: float
+    max_concurrent_trials: int | None
+    time_budget_s: float | None
+    storage_path: str | None
+    max_failures: int
+    keep_checkpoints: int
+    grace_period: int | None = None  # ASHA only
+    reduction_factor: float = 3.0  # ASHA only
+    confirm_top_k: int = 0  # 0: no confirmation step
     confirm_seeds: list = field(default_factory=list)
 
     @property
     def flops_metric(self) -> str:
-        return FLOPS_KINDS[self.flops]
+        return COST_METRICS[self.flops]
 
 
 @dataclass
@@ -140,11 +139,6 @@ def resolve_config(base: dict, params: dict) -> dict:
     for key, value in params.items():
         set_by_path(data, key, value)
     return config_to_dict(config_from_dict(data))
-
-
-def applies(key: str, method: str) -> bool:
-    allowed = CONDITIONAL.get(key)
-    return allowed is None or method in allowed
 
 
 def sample_params(space: SearchSpace, trial) -> dict:
@@ -259,117 +253,51 @@ def _flatten(case: dict, prefix: str = "") -> dict:
 
 
 def _parse_tune(raw: Any, epochs: int) -> TuneSettings:
+    """The ``tune:`` section: value rules from :class:`~ssam_tune.config.TuneConfig`, plus the
+    shorthands (``scheduler: none``, ``baselines: false``) and the rules that involve other
+    keys (the grace period against train.epochs)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("tune", "must be a mapping")
-    t = TuneSettings()
-    allowed = {"num_samples", "objective", "flops", "sampler", "n_startup_trials", "seed", "scheduler",
-               "baselines", "resources", "max_concurrent_trials", "time_budget_s", "storage_path",
-               "max_failures", "keep_checkpoints", "confirm"}
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ConfigError(f"tune.{unknown[0]}", f"unknown key; allowed keys here: {', '.join(sorted(allowed))}")
-
-    def get_int(key, lo, default, path=None):
-        v = raw.get(key, default)
-        if v is None:
-            return None
-        v = _num(v, path or f"tune.{key}", integer=True)
-        if v < lo:
-            raise ConfigError(path or f"tune.{key}", f"must be >= {lo}, got {v}")
-        return v
-
-    def get_choice(key, choices, default):
-        v = raw.get(key, default)
-        if v not in choices:
-            raise ConfigError(f"tune.{key}", f"must be one of {', '.join(choices)}; got {v!r}")
-        return v
-
-    t.num_samples = get_int("num_samples", 1, t.num_samples)
-    t.objective = get_choice("objective", OBJECTIVES, t.objective)
-    t.flops = get_choice("flops", tuple(FLOPS_KINDS), t.flops)
-    t.sampler = get_choice("sampler", SAMPLERS, t.sampler)
-    t.n_startup_trials = get_int("n_startup_trials", 0, t.n_startup_trials)
-    t.seed = get_int("seed", 0, t.seed)
-    t.max_concurrent_trials = get_int("max_concurrent_trials", 1, None)
-    t.max_failures = get_int("max_failures", 0, t.max_failures)
-    t.keep_checkpoints = get_int("keep_checkpoints", 1, t.keep_checkpoints)
-    if t.keep_checkpoints > 2:
-        raise ConfigError("tune.keep_checkpoints", f"must be 1 or 2 (bounded disk use), got {t.keep_checkpoints}")
-    budget = raw.get("time_budget_s")
-    if budget is not None:
-        budget = _num(budget, "tune.time_budget_s")
-        if budget <= 0:
-            raise ConfigError("tune.time_budget_s", f"must be > 0, got {budget}")
-    t.time_budget_s = budget
-    storage = raw.get("storage_path")
-    if storage is not None and (not isinstance(storage, str) or not storage):
-        raise ConfigError("tune.storage_path", f"must be a path or URI string, got {storage!r}")
-    t.storage_path = storage
-
-    sched = raw.get("scheduler", {"type": "asha"})
-    if sched in (None, "none"):
-        sched = {"type": "none"}
-    if sched == "asha":
-        sched = {"type": "asha"}
-    if not isinstance(sched, dict):
+    raw = dict(raw)
+    sched = raw.get("scheduler")
+    if sched in ("none", "asha"):
+        raw["scheduler"] = {"type": sched}
+    elif sched is None and "scheduler" in raw:
+        raw["scheduler"] = {"type": "none"}
+    elif sched is not None and not isinstance(sched, dict):
         raise ConfigError("tune.scheduler", "must be none or a mapping like {type: asha, grace_period: 50}")
-    unknown = sorted(set(sched) - {"type", "grace_period", "reduction_factor"})
-    if unknown:
-        raise ConfigError(f"tune.scheduler.{unknown[0]}", "unknown key; allowed: type, grace_period, reduction_factor")
-    if sched.get("type", "asha") not in ("asha", "none"):
-        raise ConfigError("tune.scheduler.type", f"must be asha or none; got {sched.get('type')!r}")
-    t.scheduler = sched.get("type", "asha")
+    if raw.get("baselines") in (False, None) and "baselines" in raw:
+        raw["baselines"] = []
+    elif raw.get("baselines") is True:
+        raw["baselines"] = list(BASELINES)
+    if raw.get("confirm") is not None and not isinstance(raw["confirm"], dict):
+        raise ConfigError("tune.confirm", "must be a mapping like {top_k: 3, seeds: [1, 2, 3]}")
+    cfg = build_section(TuneConfig, raw, "tune.")
+
+    if any(b not in BASELINES for b in cfg.baselines):
+        raise ConfigError("tune.baselines", f"must be a list drawn from {', '.join(BASELINES)} (or false); "
+                          f"got {cfg.baselines!r}")
+    t = TuneSettings(
+        num_samples=cfg.num_samples, objective=cfg.objective, flops=cfg.flops, sampler=cfg.sampler,
+        n_startup_trials=cfg.n_startup_trials, seed=cfg.seed, scheduler=cfg.scheduler.type,
+        baselines=list(dict.fromkeys(cfg.baselines)), cpu=float(cfg.resources.cpu), gpu=float(cfg.resources.gpu),
+        max_concurrent_trials=cfg.max_concurrent_trials, time_budget_s=cfg.time_budget_s,
+        storage_path=cfg.storage_path, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints)
+    if t.storage_path is not None and not t.storage_path:
+        raise ConfigError("tune.storage_path", "must be a path or URI string, got ''")
     if t.scheduler == "asha":
-        grace = sched.get("grace_period", max(1, math.ceil(epochs / 4)))
-        grace = _num(grace, "tune.scheduler.grace_period", integer=True)
+        grace = cfg.scheduler.grace_period or max(1, math.ceil(epochs / 4))
         if not 1 <= grace <= epochs:
-            raise ConfigError("tune.scheduler.grace_period", f"must be between 1 and train.epochs ({epochs}), got {grace}")
-        rf = _num(sched.get("reduction_factor", 3), "tune.scheduler.reduction_factor")
-        if rf <= 1:
-            raise ConfigError("tune.scheduler.reduction_factor", f"must be > 1, got {rf}")
-        t.grace_period, t.reduction_factor = grace, float(rf)
-
-    baselines = raw.get("baselines", list(BASELINES))
-    if baselines in (False, None):
-        baselines = []
-    if baselines is True:
-        baselines = list(BASELINES)
-    if not isinstance(baselines, list) or any(b not in BASELINES for b in baselines):
-        raise ConfigError("tune.baselines", f"must be a list drawn from {', '.join(BASELINES)} (or false); got {baselines!r}")
-    t.baselines = list(dict.fromkeys(baselines))
-
-    res = raw.get("resources", {})
-    if not isinstance(res, dict):
-        raise ConfigError("tune.resources", "must be a mapping like {cpu: 1, gpu: 0.5}")
-    unknown = sorted(set(res) - {"cpu", "gpu"})
-    if unknown:
-        raise ConfigError(f"tune.resources.{unknown[0]}", "unknown key; allowed: cpu, gpu")
-    cpu = _num(res.get("cpu", 1), "tune.resources.cpu")
-    if cpu <= 0:
-        raise ConfigError("tune.resources.cpu", f"must be > 0, got {cpu}")
-    gpu = _num(res.get("gpu", 0), "tune.resources.gpu")
-    if not 0 <= gpu <= 1:
-        raise ConfigError("tune.resources.gpu", f"must be between 0 and 1 (a fraction of one GPU per trial), got {gpu}")
-    t.cpu, t.gpu = float(cpu), float(gpu)
-
-    confirm = raw.get("confirm")
-    if confirm is not None:
-        if not isinstance(confirm, dict):
-            raise ConfigError("tune.confirm", "must be a mapping like {top_k: 3, seeds: [1, 2, 3]}")
-        unknown = sorted(set(confirm) - {"top_k", "seeds"})
-        if unknown:
-            raise ConfigError(f"tune.confirm.{unknown[0]}", "unknown key; allowed: top_k, seeds")
-        t.confirm_top_k = get_int("top_k", 1, 3, path="tune.confirm.top_k") if "top_k" not in confirm else \
-            _num(confirm["top_k"], "tune.confirm.top_k", integer=True)
-        if t.confirm_top_k < 1:
-            raise ConfigError("tune.confirm.top_k", f"must be >= 1, got {t.confirm_top_k}")
-        seeds = confirm.get("seeds", [1, 2, 3])
-        if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
-                                                         for s in seeds):
+            raise ConfigError("tune.scheduler.grace_period",
+                              f"must be between 1 and train.epochs ({epochs}), got {grace}")
+        t.grace_period, t.reduction_factor = grace, float(cfg.scheduler.reduction_factor)
+    if cfg.confirm is not None:
+        seeds = cfg.confirm.seeds
+        if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
             raise ConfigError("tune.confirm.seeds", f"must be a non-empty list of integers >= 0, got {seeds!r}")
-        t.confirm_seeds = seeds
+        t.confirm_top_k, t.confirm_seeds = cfg.confirm.top_k, list(seeds)
     return t
 
 
@@ -400,7 +328,7 @@ def _parse_space(raw: Any, source: str, stem: str, check_paths: bool = True) -> 
     base = config_to_dict(base_cfg)
     # Relative paths are taken from the directory the search is launched from, and made
     # absolute here, so they still work inside trials (whose working directory may differ).
-    if base["data"]["root"] and "://" not in base["data"]["root"]:
+    if base["data"]["root"] and not is_uri(base["data"]["root"]):
         base["data"]["root"] = str(Path(base["data"]["root"]).expanduser().resolve())
     if check_paths and base_cfg.data.name in ("cifar10", "cifar100", "imagefolder") and base["data"]["root"] and \
             not base_cfg.data.download and not Path(base["data"]["root"]).exists():
@@ -460,10 +388,45 @@ def _check_conditionals(search: list, base: dict) -> None:
     dists = {d.key: d for d in search}
     methods = list(dists["method.name"].values) if "method.name" in dists else [base["method"]["name"]]
     for d in search:
-        allowed = CONDITIONAL.get(d.key)
-        if allowed and not any(m in allowed for m in methods):
+        if not any(applies(d.key, m) for m in methods):
+            allowed = [m for m in METHODS if applies(d.key, m)]
             raise ConfigError(f"search.{d.key}", f"only applies to method {' or '.join(allowed)}, but the method is "
                               f"{' or '.join(methods)}; remove it or search method.name")
+
+
+def space_to_dict(space: SearchSpace) -> dict:
+    """A YAML dict that :func:`load_space` reads back into the same space."""
+    out = {"name": space.name, **copy.deepcopy(space.base)}
+    if space.search:
+        out["search"] = {}
+        for d in space.search:
+            spec = {"type": d.type}
+            if d.type == "choice":
+                spec["values"] = list(d.values)
+            else:
+                spec.update(low=d.low, high=d.high)
+                if d.step is not None:
+                    spec["step"] = d.step
+            out["search"][d.key] = spec
+    else:
+        out["cases"] = copy.deepcopy(space.cases)
+        out["seeds"] = list(space.seeds)
+    t = space.tune
+    out["tune"] = {
+        "num_samples": t.num_samples, "objective": t.objective, "flops": t.flops, "sampler": t.sampler,
+        "n_startup_trials": t.n_startup_trials, "seed": t.seed,
+        "scheduler": {"type": "asha", "grace_period": t.grace_period, "reduction_factor": t.reduction_factor}
+        if t.scheduler == "asha" else "none",
+        "baselines": list(t.baselines) or False, "resources": {"cpu": t.cpu, "gpu": t.gpu},
+        "max_concurrent_trials": t.max_concurrent_trials, "time_budget_s": t.time_budget_s,
+        "storage_path": t.storage_path, "max_failures": t.max_failures, "keep_checkpoints": t.keep_checkpoints,
+    }
+    if t.confirm_top_k:
+        out["tune"]["confirm"] = {"top_k": t.confirm_top_k, "seeds": list(t.confirm_seeds)}
+    if space.mode == "cases":
+        for key in ("num_samples", "baselines"):
+            out["tune"].pop(key)
+    return out
 
 
 def smoke(space: SearchSpace) -> SearchSpace:

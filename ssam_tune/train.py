@@ -1,4 +1,5 @@
-"""One training run of SGD, SAM or SSAM; `python -m ssam_tune.train CONFIG.yaml`.
+"""One training run of SGD, SAM or SSAM (``python -m ssam_tune.train CONFIG.yaml``: see
+:mod:`ssam_tune.train_cli`).
 
 :class:`Trainer` knows nothing of Ray: it takes a :class:`~ssam_tune.config.Config` (and,
 to resume, a checkpoint dict) and yields one metrics dict per epoch. Everything random
@@ -9,31 +10,28 @@ a fresh process reproduces the uninterrupted run's non-timing metrics bit for bi
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
 import os
-import sys
 import time
-from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ssam_tune import masks as M
-from ssam_tune.config import SPARSE_METHODS, Config, ConfigError, config_to_dict, load_config
-from ssam_tune.data import Data, DataError, Split, iterate_batches, load_dataset, make_dataloader, sample_for_fisher
+from ssam_tune.config import Config, ConfigError, config_to_dict
+from ssam_tune.data import Data, Split, iterate_batches, load_dataset, make_dataloader, sample_for_fisher
+from ssam_tune.experiment import atomic_write
 from ssam_tune.flops import FlopsModel
+from ssam_tune.methods import method
 from ssam_tune.models import build_model
 from ssam_tune.optim import SAM, SSAM, freeze_bn_stats
 
-__all__ = ["Trainer", "load_checkpoint", "load_data", "main", "save_checkpoint"]
+__all__ = ["Trainer", "load_checkpoint", "load_data", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = 1
-MASK_KIND = {"ssam_f": "fisher", "ssam_d": "dynamic", "ssam_random": "random"}
 # Offsets of the independent random streams derived from config.seed.
 _STREAMS = {"init": 0, "order": 1, "augment": 2, "mask": 3, "fisher": 4}
 
@@ -93,70 +91,88 @@ class Trainer:
                  log: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.log = log or (lambda msg: None)
-        self.device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
-        on_gpu = self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if (cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)) else None
-        self.channels_last = on_gpu if cfg.train.channels_last is None else cfg.train.channels_last
+        self.spec = method(cfg.method.name)  # the method's row: optimizer, mask kind, cost rule
+        self.method = self.spec.name
+        self.sparse = self.spec.sparse
+        self._set_device(device)
+        self._place_data(data if data is not None else load_data(cfg))
+        self._build_model()
+        self._make_generators()
+        self._build_optimizer()
+        self._build_schedules()
+        self.epoch = 0  # completed epochs
+        self.global_step = 0
+        self.tracker = {"best_val_acc": -1.0, "best_epoch": 0, "refreshes": 0, "flops_theoretical": 0.0,
+                        "flops_executed": 0.0, "flops_mask": 0.0, "images": 0, "status": "running",
+                        "last_good": None, "last_overlap": None, "last_density": None, "train_seconds": 0.0}
 
-        data = data if data is not None else load_data(cfg)
+    # -- construction, one concern each ------------------------------------------------------------
+    def _set_device(self, device: torch.device | str | None) -> None:
+        """The device, and the GPU-only speed settings (bf16 autocast, channels_last)."""
+        t = self.cfg.train
+        self.device = torch.device(device) if device is not None else resolve_device(t.device)
+        on_gpu = self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if (t.precision == "bf16" or (t.precision == "auto" and on_gpu)) else None
+        self.channels_last = on_gpu if t.channels_last is None else t.channels_last
+
+    def _place_data(self, data: Data) -> None:
+        """The splits: in-memory data sets live on the training device (augmented there)."""
         self.data = data
         if data.in_memory:
             train = data.train
-            if cfg.data.train_size:
-                train = _balanced_subset(train, cfg.data.train_size, cfg.seed)
-            # The whole data set lives on the training device; batches are augmented there.
+            if self.cfg.data.train_size:
+                train = _balanced_subset(train, self.cfg.data.train_size, self.cfg.seed)
             self.train_split = train.to(self.device)
             self.val_split = data.val.to(self.device)
             self.test_split = data.test.to(self.device)
         else:
             self.train_split, self.val_split, self.test_split = data.train, data.val, data.test
-        self.input_shape = (3, data.image_size, data.image_size)
 
-        seed = cfg.seed
-        with torch.random.fork_rng(devices=[]):  # paired seeds: same init across methods
-            torch.manual_seed(seed + _STREAMS["init"])
-            m = cfg.model
+    def _build_model(self) -> None:
+        """The model from the init stream (paired seeds: the same init across methods), and
+        its measured per-sample FLOPs."""
+        m, data = self.cfg.model, self.data
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed + _STREAMS["init"])
             kw = {"depth": m.depth, "widen_factor": m.widen_factor} if m.name == "wrn28_10" else {}
             self.model = build_model(m.name, data.num_classes, width=m.width, input_size=data.image_size, **kw)
-        self.flops = FlopsModel.from_model(self.model, self.input_shape, cfg.train.batch_size)
+        input_shape = (3, data.image_size, data.image_size)
+        self.flops = FlopsModel.from_model(self.model, input_shape, self.cfg.train.batch_size)
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
+    def _make_generators(self) -> None:
+        """One seeded generator per random stream; all of them are saved in checkpoints."""
+        seed = self.cfg.seed
         gen_dev = self.device if self.device.type == "cuda" else torch.device("cpu")
-        self.gens = {
-            "order": torch.Generator(device=gen_dev).manual_seed(seed + _STREAMS["order"]),
-            "augment": torch.Generator(device=gen_dev).manual_seed(seed + _STREAMS["augment"]),
-            "mask": torch.Generator(device=gen_dev).manual_seed(seed + _STREAMS["mask"]),
-            "fisher": torch.Generator(device=gen_dev).manual_seed(seed + _STREAMS["fisher"]),
-        }
+        self.gens = {name: torch.Generator(device=gen_dev).manual_seed(seed + _STREAMS[name])
+                     for name in ("order", "augment", "mask", "fisher")}
         self.dl_gen = torch.Generator().manual_seed(seed + _STREAMS["order"])  # ImageFolder path
 
-        t, meth = cfg.train, cfg.method
-        self.method = meth.name
-        self.sparse = meth.name in SPARSE_METHODS
+    def _build_optimizer(self) -> None:
+        """SGD, SAM or SSAM around SGD, as the method's cost rule says (methods.py)."""
+        t, meth = self.cfg.train, self.cfg.method
         base = dict(lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov)
         params = self.model.parameters()
-        if meth.name == "sgd":
+        if not self.spec.perturbs:
             self.opt = torch.optim.SGD(params, **base)
-        elif meth.name == "sam":
+        elif not self.spec.sparse:
             self.opt = SAM(params, torch.optim.SGD, rho=meth.rho, **base)
         else:
             self.opt = SSAM(params, torch.optim.SGD, rho=meth.rho, sparsity=meth.sparsity,
                             normalize=meth.normalize, **base)
+
+    def _build_schedules(self) -> None:
+        """The mask refresh schedule (Alg. 1, T_m), the LR schedule and the loss."""
+        t, meth = self.cfg.train, self.cfg.method
         self.schedule = M.MaskSchedule(interval=meth.T_m, unit=meth.mask_unit, fixed=meth.fixed_mask)
         self.steps_per_epoch = self._steps_per_epoch()
         total = t.epochs * self.steps_per_epoch
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, _cosine_lr(total, t.warmup_epochs * self.steps_per_epoch))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-
-        self.epoch = 0  # completed epochs
-        self.global_step = 0
-        self.tracker = {"best_val_acc": -1.0, "best_epoch": 0, "refreshes": 0, "flops_theoretical": 0.0,
-                        "flops_executed": 0.0, "flops_mask": 0.0, "images": 0, "status": "running",
-                        "last_good": None, "last_overlap": None, "last_density": None, "train_seconds": 0.0}
 
     # -- sizes -------------------------------------------------------------------------------
     def _drop_last(self) -> bool:
@@ -215,15 +231,15 @@ class Trainer:
     def _refresh_mask(self, before_grad: bool) -> None:
         """Build the next mask; Fisher and random masks before the step's forward pass,
         dynamic updates after it (they read the gradient at w, Eq. 7)."""
-        kind = MASK_KIND[self.method]
+        kind = self.spec.mask
         meth = self.cfg.method
         opt: SSAM = self.opt  # type: ignore[assignment]
         previous = opt.masks()
         params = opt.params()
         if kind == "fisher" and before_grad:
             x, y = self._fisher_batch()
-            scores = M.fisher_scores(self.model, None, x, y, bn=meth.fisher_bn)
-            opt.set_masks_from_scores(scores)
+            scores = M.fisher_scores(self.model, None, x, y, bn=meth.fisher_bn)  # model.parameters() order
+            opt.set_masks_from_scores(scores, list(self.model.parameters()))
         elif kind == "random" and before_grad:
             opt.set_masks(M.random_mask(params, meth.sparsity, generator=self.gens["mask"]))
         elif kind == "dynamic" and before_grad:  # the initial mask of SSAM-D is random
@@ -282,14 +298,18 @@ class Trainer:
             x, y = self._to_device(x, y)
             refresh = self.sparse and self.schedule.due(self.epoch, step, self.global_step)
             # Fisher/random masks and SSAM-D's initial random mask come before the forward
-            # pass, so the very first step is already sparse (the reference starts from an
-            # all-zero mask, which makes its first epoch plain SGD).
-            dynamic_update = refresh and self.method == "ssam_d" and self.global_step > 0
+            # pass, so the very first step is already sparse. (The reference starts from an
+            # all-zero mask and builds its first one after step 0, so only its step 0 is
+            # unperturbed, i.e. plain SGD.)
+            dynamic_update = refresh and self.spec.mask == "dynamic" and self.global_step > 0
             if refresh and not dynamic_update:
                 self._refresh_mask(before_grad=True)
             loss, logits = self._loss(x, y)
+            nan_at = self.cfg.train.inject_nan_at_step
+            if nan_at is not None and self.global_step >= nan_at:
+                loss = loss * float("nan")  # fault injection (config.TrainConfig.inject_nan_at_step)
             loss.backward()
-            if self.method == "sgd":
+            if not self.spec.perturbs:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             else:
@@ -314,12 +334,12 @@ class Trainer:
         if seen == 0 or not torch.isfinite(loss_sum):
             return None
         self.tracker["images"] += seen
-        self.tracker["flops_theoretical"] += seen * (self.flops.F + self.flops.B) * self.flops.step_cost(
-            self.method, meth.sparsity if self.sparse else 0.0, "theoretical")
-        self.tracker["flops_executed"] += seen * (self.flops.F + self.flops.B) * self.flops.step_cost(
-            self.method, meth.sparsity if self.sparse else 0.0, "executed")
+        spent = self.flops.training_flops(self.method, steps, images=seen,
+                                          sparsity=meth.sparsity if self.sparse else 0.0)
+        self.tracker["flops_theoretical"] += spent["theoretical"]
+        self.tracker["flops_executed"] += spent["executed"]
         return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
-                "e_norm": e_sum.item() / steps if self.method != "sgd" else 0.0, "train_images": seen}
+                "e_norm": e_sum.item() / steps if self.spec.perturbs else 0.0, "train_images": seen}
 
     @torch.no_grad()
     def evaluate(self, split) -> tuple[float, float]:
@@ -364,12 +384,15 @@ class Trainer:
             val_loss, val_acc = self.evaluate(self.val_split)
             self.epoch += 1
             every = self.cfg.train.test_every
-            if self.epoch >= self.cfg.train.epochs or (every and self.epoch % every == 0):
+            improved = not math.isnan(val_acc) and val_acc > self.tracker["best_val_acc"]
+            # The test set is only reported: it is skipped between test_every epochs to save
+            # time, except at a new best validation accuracy, so test_acc_at_best is defined.
+            if improved or self.epoch >= self.cfg.train.epochs or (every and self.epoch % every == 0):
                 test_loss, test_acc = self.evaluate(self.test_split)
-            else:  # the test set is only reported: skipping it between reports saves time
+            else:
                 test_loss, test_acc = float("nan"), float("nan")
             self.tracker["train_seconds"] += seconds
-            if not math.isnan(val_acc) and val_acc > self.tracker["best_val_acc"]:
+            if improved:
                 self.tracker["best_val_acc"], self.tracker["best_epoch"] = val_acc, self.epoch
                 self.tracker["test_acc_at_best"] = test_acc  # reported, never used to select
             tr = self.tracker
@@ -417,15 +440,8 @@ def _progress_line(m: dict, total: int) -> str:
 
 # -- checkpoint files -------------------------------------------------------------------------------
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write atomically and durably: a temporary file in the same folder, fsync, rename."""
+    atomic_write(path, lambda fh: torch.save(state, fh), fsync=True)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -433,83 +449,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+if __name__ == "__main__":  # python -m ssam_tune.train: the command line lives in train_cli.py
+    from ssam_tune.train_cli import main
 
-
-# -- CLI ----------------------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ssam_tune.train", description="Train one configuration.")
-    p.add_argument("config", help="training config YAML (every key optional; see README)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set method.rho=0.05 (repeatable)")
-    p.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if present")
-    p.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="stop after N epochs of this invocation (continue later with --resume)")
-    return p
-
-
-def run_cli(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        out = Path(args.out or Path("runs") / Path(args.config).stem)
-        ckpt_path = out / "checkpoint.pt"
-        state = None
-        if args.resume and ckpt_path.exists():
-            state = load_checkpoint(ckpt_path)
-            if state.get("config") != config_to_dict(cfg):
-                raise ConfigError("--resume", f"{ckpt_path} was written for a different config; "
-                                  "use the same config and --set values, or another --out")
-        trainer = Trainer(cfg, log=print)
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out.mkdir(parents=True, exist_ok=True)
-    if state is not None:
-        trainer.load_state_dict(state)
-        print(f"resumed from {ckpt_path} at epoch {trainer.epoch}")
-    import yaml
-
-    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(out / "tb"), purge_step=trainer.epoch + 1 if state is not None else None)
-    print(f"training {cfg.model.name} with {cfg.method.name} on {cfg.data.name} ({trainer.device}); "
-          f"output in {out}")
-    final = None
-    done_here = 0
-    try:
-        for metrics in trainer.epochs():
-            final = metrics
-            done_here += 1
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None \
-                        and key != "epoch" and math.isfinite(value):
-                    writer.add_scalar(key, value, metrics["epoch"])
-            with open(out / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
-            if metrics["status"] != "diverged":
-                save_checkpoint(ckpt_path, trainer.state_dict())
-            if args.stop_after is not None and done_here >= args.stop_after:
-                break
-    finally:
-        writer.close()
-    if final is None:
-        final = trainer.tracker.get("last_good") or {}
-    _write_json(out / "metrics.json", {"config": config_to_dict(cfg), "final": final,
-                                       "status": trainer.tracker["status"], "epochs_done": trainer.epoch})
-    print(f"{trainer.tracker['status']}: final val_acc {final.get('val_acc', float('nan')):.4f}, "
-          f"test_acc {final.get('test_acc', float('nan')):.4f}; metrics in {out / 'metrics.json'}")
-    return 0
-
-
-def main() -> None:
-    sys.exit(run_cli())
-
-
-if __name__ == "__main__":
     main()

@@ -20,6 +20,7 @@ from ray import tune
 
 from ssam_tune.config import config_from_dict
 from ssam_tune.data import Data
+from ssam_tune.experiment import Experiment, clear_partial_writes
 from ssam_tune.search import META
 from ssam_tune.train import CHECKPOINT_FORMAT, Trainer, load_checkpoint, load_data, save_checkpoint
 
@@ -107,13 +108,10 @@ def train_trial(config: dict) -> None:
 
     node_id = ray.get_runtime_context().get_node_id()
     trainer = Trainer(cfg, data=_data_for(cfg), device=_device(cfg))
-    own_dir = None
-    exp_dir = meta.get("exp_dir")
-    if exp_dir and "://" not in exp_dir:
-        own_dir = Path(exp_dir) / "checkpoints" / meta["trial_id"]
+    own_dir = Experiment(meta["exp_dir"]).checkpoint_dir(meta["trial_id"]) if meta.get("exp_dir") else None
+    if own_dir is not None:
         own_dir.mkdir(parents=True, exist_ok=True)
-        for stale in own_dir.glob(".*.tmp*"):  # left by a crash in the middle of a write
-            stale.unlink(missing_ok=True)
+        clear_partial_writes(own_dir)  # left by a crash in the middle of a write
     state = _latest_state(own_dir)
     if state is not None:
         trainer.load_state_dict(state)

@@ -18,11 +18,6 @@ CIFAR_JPEG_ROOT = os.environ.get("SSAM_TUNE_CIFAR_JPEG",
                                               "data", "cifar10-jpeg"))
 
 
-@pytest.fixture(scope="module")
-def embedded() -> D.Data:
-    return D.load_dataset("embedded", val_fraction=0.1, seed=0)
-
-
 def coordinate_images(n: int, size: int = 32) -> torch.Tensor:
     """Images whose pixels name their position: channel 0 = row + 1, channel 1 = col + 1.
 
@@ -35,6 +30,7 @@ def coordinate_images(n: int, size: int = 32) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- embedded set
+# (the ``embedded`` fixture, the data set split as the Trainer splits it, is in conftest.py)
 
 def test_embedded_shapes_and_balance(embedded: D.Data) -> None:
     assert embedded.name == "embedded" and embedded.in_memory
@@ -200,7 +196,7 @@ def test_iterate_batches_epoch_order_and_reproducibility(embedded: D.Data) -> No
     replay = list(D.iterate_batches(split, 128, shuffle=True,
                                     generator=torch.Generator().manual_seed(0), augment=True))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-               for a, b in zip(first, replay))
+               for a, b in zip(first, replay, strict=True))
     assert not torch.equal(torch.cat([y for _, y in batches]), ys)  # next epoch reshuffles
     dropped = D.iterate_batches(split, 128, drop_last=True)
     assert len(dropped) == 3 and len(list(dropped)) == 3
@@ -263,7 +259,7 @@ def _write_tree(root, sizes=(8, 8)) -> dict:
     pixels = {}
     gen = torch.Generator().manual_seed(0)
     for split, count in (("train", 6), ("val", 2)):
-        for label, name in enumerate(["cat", "dog"]):
+        for name in ["cat", "dog"]:
             os.makedirs(root / split / name)
             for i in range(count):
                 image = torch.randint(0, 256, (3, *sizes), dtype=torch.uint8, generator=gen)

@@ -436,7 +436,7 @@ def test_cli_errors_and_success(tmp_path, capsys, exported, monkeypatch):
 def test_optuna_journal_is_joined_and_left_untouched(tmp_path):
     import optuna
 
-    from ssam_tune.search import open_study
+    from ssam_tune.study import open_study
 
     exp, ids = make_experiment(tmp_path)
     study = open_study(str(exp / "optuna.journal"), "synth", "multi")
@@ -454,3 +454,48 @@ def test_optuna_journal_is_joined_and_left_untouched(tmp_path):
     rows = {r["label"]: r for r in read_csv(tmp_path / "out" / "trials.csv")}
     assert rows["optuna0"]["optuna_status"] == "completed" and rows["sgd"]["optuna_status"] == ""
     assert "#1 (orphaned)" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_importing_the_exports_does_not_import_ray():
+    import subprocess
+    import sys
+
+    code = ('import ssam_tune.export, sys; assert "ray" not in sys.modules and '
+            '"ssam_tune.search" not in sys.modules, sorted(m for m in sys.modules if "ray" in m or "search" in m)')
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+
+
+def test_confirmation_accepts_a_uri(tmp_path, exported):
+    pytest.importorskip("pyarrow")
+    exp = exported.exp
+    uri = exp.as_uri()  # file://...: read through Experiment.fetch_small_files, as s3://... is
+    assert confirm_cases(uri, 2, [1, 2]) == confirm_cases(exp, 2, [1, 2])
+    # the search experiment stands in for a confirmation one: only the file handling matters here
+    export_confirmation(exp, tmp_path / "local")
+    export_confirmation(uri, tmp_path / "uri")
+    assert (tmp_path / "uri" / "confirm.csv").read_bytes() == (tmp_path / "local" / "confirm.csv").read_bytes()
+    assert f"(experiment folder `{uri}`)" in (tmp_path / "uri" / "summary.md").read_text()
+    with pytest.raises(FileNotFoundError):
+        export_confirmation((tmp_path / "missing").as_uri(), tmp_path / "uri")
+
+
+def test_uri_experiment_reads_its_journal_from_the_cache(tmp_path, monkeypatch):
+    pytest.importorskip("pyarrow")
+    from ssam_tune import experiment
+    from ssam_tune.study import open_study
+
+    monkeypatch.setattr(experiment, "JOURNAL_CACHE", tmp_path / "cache")
+    exp, ids = make_experiment(tmp_path)
+    uri = exp.as_uri()
+    journal = Path(experiment.Experiment(uri).journal_path())  # a URI's journal lives outside the folder
+    study = open_study(str(journal), "synth", "multi")
+    trial = study.ask()
+    trial.set_user_attr("ray_trial_id", ids["optuna0"])
+    trial.set_user_attr("status", "completed")
+    study.tell(trial.number, [0.58, 600.0])
+    assert not (exp / "optuna.journal").exists()
+    export_experiment(uri, tmp_path / "out")
+    rows = {r["label"]: r for r in read_csv(tmp_path / "out" / "trials.csv")}
+    assert rows["optuna0"]["optuna_status"] == "completed"
+    assert f"Experiment folder `{uri}`" in (tmp_path / "out" / "summary.md").read_text()

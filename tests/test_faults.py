@@ -1,17 +1,15 @@
 """Fault injection on a real local Ray (CPU): a killed worker, a removed node, a trial that
 raises, a diverging trial, corrupt checkpoints, and the disk bound on checkpoints.
 
-Every space is written to ``tmp_path`` from tests/spaces/fast.yaml with small epochs (SGD). The Ray tests run one after the other; the
-machine may be shared, so waits are generous but each test stays short when it is not.
+Every space is written to ``tmp_path`` from tests/spaces/fast.yaml with small epochs (SGD); a
+divergence is injected at a known optimizer step (``train.inject_nan_at_step``), so it happens in
+the same epoch on every CPU. The Ray tests run one after the other; the machine may be shared,
+so waits are generous but each test stays short when it is not.
 """
 
-import csv
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -19,18 +17,34 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from _helpers import (
+    WAIT,
+    fast_space,
+    kill_group,
+    read_rows,
+    reap_session,
+    reported_epochs,
+    reports,
+    run_module,
+    start_driver,
+    steps_per_epoch,
+    wait_for,
+    write_yaml,
+)
 
 from ssam_tune.config import ConfigError
-from ssam_tune.search import open_study
+from ssam_tune.study import open_study
 
-HERE = Path(__file__).parent
-FAST = HERE / "spaces" / "fast.yaml"
-WAIT = 600  # seconds: upper bound of any wait on a (possibly busy) machine
-# SGD on fast.yaml's data (seed 0, one thread as in a Ray worker, 4 epochs): one good epoch,
-# then a NaN loss in the second; and a NaN loss within the first epoch.
-DIVERGE_LATE = {"lr": 100.0, "momentum": 0.99, "batch_size": 32}
-DIVERGE_AT_ONCE = {"lr": 90.0, "momentum": 0.99, "batch_size": 16}
+# Divergence is injected (train.inject_nan_at_step: the loss is NaN from that global step on),
+# never provoked with a huge learning rate, whose overflow depends on the CPU's kernels.
+# fast.yaml trains on train_size images in full batches: SPE optimizer steps per epoch.
+_FAST = fast_space()
+SPE = steps_per_epoch(_FAST["data"]["train_size"], _FAST["train"]["batch_size"])
+# NaN in the middle of epoch 3: epochs 1 and 2 are reported (and checkpointed), then the
+# trial stops as diverged with 2 epochs reached.
+DIVERGE_IN_EPOCH_3 = {"inject_nan_at_step": 2 * SPE + SPE // 2}
+# NaN at the very first step: diverged before any epoch is reported (0 epochs reached).
+DIVERGE_AT_ONCE = {"inject_nan_at_step": 0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,7 +53,7 @@ DIVERGE_AT_ONCE = {"lr": 90.0, "momentum": 0.99, "batch_size": 16}
 def _space(name: str, *, cases: list | None = None, epochs: int = 3, train: dict | None = None,
            data: dict | None = None, tune: dict | None = None, search: dict | None = None) -> dict:
     """fast.yaml as a cases (default) or search space: SGD, small epochs, no scheduler."""
-    space = yaml.safe_load(FAST.read_text())
+    space = fast_space()
     space["name"] = name
     space["method"] = {"name": "sgd"}
     space["train"].update(epochs=epochs, **(train or {}))
@@ -54,88 +68,11 @@ def _space(name: str, *, cases: list | None = None, epochs: int = 3, train: dict
 
 
 def _write(tmp_path: Path, space: dict) -> Path:
-    path = tmp_path / f"{space['name']}.yaml"
-    path.write_text(yaml.safe_dump(space, sort_keys=False))
-    return path
-
-
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _reports(trial_dir: Path) -> list[dict]:
-    """result.json lines (a line being written is skipped)."""
-    out = []
-    try:
-        text = (trial_dir / "result.json").read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
-
-
-def _epochs(trial_dir: Path) -> list[int]:
-    return [r["epoch"] for r in _reports(trial_dir)]
-
-
-def _wait_for(predicate, timeout=WAIT, every=0.3):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return True
-        time.sleep(every)
-    return False
-
-
-def _start_driver(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    """The CLI in its own process group (so the driver and its local Ray can be SIGKILLed)."""
-    with open(log, "w") as fh:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-m", "ssam_tune.run", *args], cwd=cwd, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-
-
-def _session_pids(sid: int) -> list[int]:
-    """Live processes of a session: a SIGKILLed driver's Ray workers (in their own process
-    groups) outlive it until they notice that their raylet is gone."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[3]) == sid:  # state, ppid, pgrp, session
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def _reap_session(sid: int, timeout: float = 60) -> None:
-    """Wait until every process the killed driver started is gone (SIGKILL stragglers)."""
-    if not _wait_for(lambda: not _session_pids(sid), timeout=timeout, every=0.5):
-        for pid in _session_pids(sid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        assert _wait_for(lambda: not _session_pids(sid), timeout=30), _session_pids(sid)
+    return write_yaml(tmp_path / f"{space['name']}.yaml", space)
 
 
 def _run_cli(args, cwd):
-    return subprocess.run([sys.executable, "-m", "ssam_tune.run", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=WAIT, check=False)
+    return run_module("ssam_tune.run", *args, cwd=cwd, timeout=WAIT)
 
 
 def _monotone(epochs: list[int]) -> bool:
@@ -272,35 +209,35 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(tmp_path):
     path = _write(tmp_path, space)
     exp = tmp_path / "ray" / "fault-worker"
     log = tmp_path / "driver.log"
-    driver = _start_driver([str(path), "--storage", str(tmp_path / "ray"), "--results", str(tmp_path)],
+    driver = start_driver([str(path), "--storage", str(tmp_path / "ray"), "--results", str(tmp_path)],
                            tmp_path, log)
     killed = {}
     try:
         def reported_twice():
             for d in exp.glob("trial_*"):
-                reps = _reports(d)
+                reps = reports(d)
                 if reps and reps[-1]["epoch"] >= 2:
                     killed.update(pid=reps[-1]["pid"], epoch=reps[-1]["epoch"], dir=d)
                     return True
             return driver.poll() is not None
 
-        assert _wait_for(reported_twice), "the trial never reported two epochs"
+        assert wait_for(reported_twice), "the trial never reported two epochs"
         assert driver.poll() is None, log.read_text()[-3000:]
         assert killed["epoch"] < epochs, "trial finished before it could be killed"
         os.kill(killed["pid"], signal.SIGKILL)  # the trial's worker, mid-epoch
         assert driver.wait(timeout=WAIT) == 0, log.read_text()[-4000:]
     finally:
-        _kill_group(driver)
-        _reap_session(driver.pid)
+        kill_group(driver)
+        reap_session(driver.pid)
     out = log.read_text()
-    reps = _reports(killed["dir"])
+    reps = reports(killed["dir"])
     seen = [r["epoch"] for r in reps]
     assert seen[-1] == epochs and _monotone(seen), seen
     assert any(r["pid"] != killed["pid"] for r in reps), "no report from a new worker after the kill"
     assert "resumed at epoch" in out
     resumed = [int(k) for k in re.findall(r"resumed at epoch (\d+)", out)]
     assert resumed and min(resumed) >= 1, resumed  # from a checkpoint, not from scratch
-    (row,) = _rows(tmp_path / "fault-worker" / "trials.csv")
+    (row,) = read_rows(tmp_path / "fault-worker" / "trials.csv")
     assert row["status"] == "completed" and int(row["epochs_reached"]) == epochs
     assert int(row["failures"]) >= 1 and row["error"]  # the worker's death is on record
 
@@ -308,9 +245,8 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # 2. a worker node removed from a multi-node cluster mid-search
 # ---------------------------------------------------------------------------------------------
-def test_node_removed_mid_search_trials_move_and_finish(tmp_path, capfd):
+def test_node_removed_mid_search_trials_move_and_finish(tmp_path, capfd, ray_cluster):
     import ray
-    from ray.cluster_utils import Cluster
 
     from ssam_tune.run import run_search
 
@@ -320,14 +256,13 @@ def test_node_removed_mid_search_trials_move_and_finish(tmp_path, capfd):
                    tune={"max_failures": 2, "max_concurrent_trials": 2})
     path = _write(tmp_path, space)
     exp = tmp_path / "ray" / "fault-node"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # trials only on workers
     removed: dict = {}
     stop = threading.Event()
 
     def remove_a_busy_node():
         try:
             while not stop.is_set():
-                last = {d: _reports(d) for d in exp.glob("trial_*")}
+                last = {d: reports(d) for d in exp.glob("trial_*")}
                 if len(last) == 2 and all(r and r[-1]["epoch"] >= 1 for r in last.values()):
                     busy = {r[-1]["node_id"] for r in last.values()}
                     driver_node = ray._private.worker.global_worker.node
@@ -345,10 +280,8 @@ def test_node_removed_mid_search_trials_move_and_finish(tmp_path, capfd):
         except Exception as err:  # noqa: BLE001 - reported by the test below
             removed["error"] = repr(err)
 
+    cluster = ray_cluster({"num_cpus": 0}, workers=[{"num_cpus": 2}] * 2)  # trials only on workers
     try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=2)
-        cluster.wait_for_nodes()
         chaos = threading.Thread(target=remove_a_busy_node, daemon=True)
         chaos.start()
         out = run_search(_load_space(path), storage=str(tmp_path / "ray"), resume=False, address=cluster.address,
@@ -356,15 +289,14 @@ def test_node_removed_mid_search_trials_move_and_finish(tmp_path, capfd):
         stop.set()
         chaos.join(timeout=30)
     finally:
-        stop.set()
-        cluster.shutdown()
+        stop.set()  # (the ray_cluster fixture shuts the cluster down)
     assert "error" not in removed, removed.get("error")
     assert removed.get("node_id"), "the node was never removed (trials finished first?)"
     assert all(e < epochs for e in removed["epochs"].values()), removed
-    trials = _rows(out / "trials.csv")
+    trials = read_rows(out / "trials.csv")
     assert len(trials) == 2 and all(t["status"] == "completed" for t in trials), trials
     for d in exp.glob("trial_*"):
-        reps = _reports(d)
+        reps = reports(d)
         assert reps[-1]["epoch"] == epochs and reps[-1]["node_id"] != removed["node_id"]
         assert _monotone([r["epoch"] for r in reps]), [r["epoch"] for r in reps]
         if d.name in removed["trials"]:  # moved: reports from both nodes
@@ -386,11 +318,11 @@ def mixed_cases(tmp_path_factory):
     space = _space("fault-mixed", epochs=4, tune={"max_failures": 0, "keep_checkpoints": 2}, cases=[
         {"label": "ok", "method": {"name": "sgd"}},
         {"label": "nodata", "data": {"root": str(empty)}},
-        {"label": "div", "train": DIVERGE_LATE},
+        {"label": "div", "train": DIVERGE_IN_EPOCH_3},
     ])
     out = run_search(_load_space(_write(root, space)), storage=str(root / "ray"), resume=False,
                      results=str(root))
-    rows = {r["label"].split("/")[0]: r for r in _rows(out / "trials.csv")}
+    rows = {r["label"].split("/")[0]: r for r in read_rows(out / "trials.csv")}
     return root, out, rows
 
 
@@ -406,18 +338,21 @@ def test_raising_trial_is_errored_and_the_others_finish(mixed_cases):
     summary = (out / "summary.md").read_text()
     assert "## Errored trials (1)" in summary
     assert bad["trial_id"] in summary and "embedded data file not found" in summary
-    front = {r["trial_id"] for r in _rows(out / "pareto.csv")}
+    front = {r["trial_id"] for r in read_rows(out / "pareto.csv")}
     assert bad["trial_id"] not in front and rows["ok"]["trial_id"] in front
     assert bad["trial_id"] not in (out / "pareto.json").read_text()
 
 
 def test_diverging_case_is_diverged_not_errored(mixed_cases):
-    _, out, rows = mixed_cases
+    root, out, rows = mixed_cases
     div = rows["div"]
     assert div["status"] == "diverged" and not div["error"], div
-    assert 1 <= int(div["epochs_reached"]) < 4
+    assert int(div["epochs_reached"]) == 2  # NaN from a step of epoch 3
+    # epochs 1 and 2, then the diverged report (the last good epoch, re-marked) and nothing more
+    div_reports = reports(root / "ray" / "fault-mixed" / f"trial_{div['trial_id']}")
+    assert [(r["epoch"], r["status"]) for r in div_reports] == [(1, "running"), (2, "running"), (2, "diverged")]
     assert div["on_front"] in ("False", "false", "0", "")
-    assert div["trial_id"] not in {r["trial_id"] for r in _rows(out / "pareto.csv")}
+    assert div["trial_id"] not in {r["trial_id"] for r in read_rows(out / "pareto.csv")}
     assert "## Diverged trials (1)" in (out / "summary.md").read_text()
 
 
@@ -443,17 +378,17 @@ def test_diverging_search_trial_in_journal_and_keep_one_checkpoint(tmp_path):
     from ssam_tune.run import run_search
 
     space = _space("fault-search", epochs=4,
-                   search={f"train.{k}": {"type": "choice", "values": [v]} for k, v in DIVERGE_LATE.items()},
+                   search={f"train.{k}": {"type": "choice", "values": [v]} for k, v in DIVERGE_IN_EPOCH_3.items()},
                    tune={"num_samples": 1, "baselines": ["sgd"], "keep_checkpoints": 1, "objective": "multi"})
     out = run_search(_load_space(_write(tmp_path, space)), storage=str(tmp_path / "ray"), resume=False,
                      results=str(tmp_path))
     exp = tmp_path / "ray" / "fault-search"
-    rows = {r["kind"]: r for r in _rows(out / "trials.csv")}
+    rows = {r["kind"]: r for r in read_rows(out / "trials.csv")}
     assert set(rows) == {"baseline", "search"}
     div = rows["search"]
     assert div["status"] == "diverged" and div["optuna_status"] == "diverged" and not div["error"], div
-    assert int(div["epochs_reached"]) >= 1  # (a first-epoch divergence: see test_first_epoch_divergence_...)
-    assert div["trial_id"] not in {r["trial_id"] for r in _rows(out / "pareto.csv")}
+    assert int(div["epochs_reached"]) == 2  # NaN from a step of epoch 3 (epoch 1: test_first_epoch_...)
+    assert div["trial_id"] not in {r["trial_id"] for r in read_rows(out / "pareto.csv")}
     study = open_study(str(exp / "optuna.journal"), "fault-search", "multi")
     (t,) = study.trials
     assert t.state == optuna.trial.TrialState.COMPLETE and t.values[0] == 0.0
@@ -472,8 +407,11 @@ def test_first_epoch_divergence_does_not_abort_the_experiment(tmp_path):
                    tune={"max_failures": 0})
     out = run_search(_load_space(_write(tmp_path, space)), storage=str(tmp_path / "ray"), resume=False,
                      results=str(tmp_path))
-    (row,) = _rows(out / "trials.csv")
+    (row,) = read_rows(out / "trials.csv")
     assert row["status"] == "diverged" and row["epochs_reached"] == "0" and not row["error"]
+    # one report, before any epoch finished: epoch 0, diverged
+    (only,) = reports(tmp_path / "ray" / "fault-div0" / f"trial_{row['trial_id']}")
+    assert only["epoch"] == 0 and only["status"] == "diverged"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +425,7 @@ def test_corrupt_checkpoints_then_resume_falls_back(tmp_path):
     path = _write(tmp_path, space)
     args = [str(path), "--storage", str(tmp_path / "ray"), "--results", str(tmp_path)]
     exp = tmp_path / "ray" / "fault-ckpt"
-    driver = _start_driver(args, tmp_path, tmp_path / "first.log")
+    driver = start_driver(args, tmp_path, tmp_path / "first.log")
     found: dict = {}
     try:
         def mid_run():
@@ -497,21 +435,21 @@ def test_corrupt_checkpoints_then_resume_falls_back(tmp_path):
                 tid = d.name.removeprefix("trial_")
                 own = exp / "checkpoints" / tid
                 states = list(exp.glob("experiment_state-*.json"))
-                if (own / "previous.pt").exists() and len(_epochs(d)) >= 3 and states and \
+                if (own / "previous.pt").exists() and len(reported_epochs(d)) >= 3 and states and \
                         any(tid in s.read_text() for s in states):
                     found.update(dir=d, own=own)
                     return True
             return False
 
-        assert _wait_for(mid_run), "the run never reached the kill point"
+        assert wait_for(mid_run), "the run never reached the kill point"
         assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray, no clean-up
         driver.wait()
     finally:
-        _kill_group(driver)
-        _reap_session(driver.pid)  # no worker of the killed run writes checkpoints any more
+        kill_group(driver)
+        reap_session(driver.pid)  # no worker of the killed run writes checkpoints any more
     own, trial_dir = found["own"], found["dir"]
-    assert _epochs(trial_dir)[-1] < epochs
+    assert reported_epochs(trial_dir)[-1] < epochs
     fallback = int(load_checkpoint(own / "previous.pt")["epoch"])
     ckpt = own / "checkpoint.pt"
     if ckpt.exists():  # (absent only if the kill fell between the rename and the write)
@@ -527,9 +465,9 @@ def test_corrupt_checkpoints_then_resume_falls_back(tmp_path):
     assert r.returncode == 0, text[-4000:]
     assert "ignoring unreadable checkpoint" in text
     assert f"resumed at epoch {fallback}" in text, [ln for ln in text.splitlines() if "resumed" in ln]
-    seen = _epochs(trial_dir)
+    seen = reported_epochs(trial_dir)
     assert seen[-1] == epochs and _monotone(seen), seen
-    (row,) = _rows(tmp_path / "fault-ckpt" / "trials.csv")
+    (row,) = read_rows(tmp_path / "fault-ckpt" / "trials.csv")
     assert row["status"] == "completed" and int(row["epochs_reached"]) == epochs
     assert sorted(p.name for p in own.iterdir()) == ["checkpoint.pt", "previous.pt"]
     assert int(load_checkpoint(own / "checkpoint.pt")["epoch"]) == epochs

@@ -3,24 +3,18 @@ on a real local Ray, driven by a trivial trainable (tests/_trivial.py): 100 tria
 time. benchmarks/bench_load.py does 500 and measures memory and overhead.
 """
 
-import csv
 import json
 import os
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from _helpers import read_rows
 from _trivial import BASELINES, load_space_dict, trivial_trainable, worker_pythonpath
 
-from ssam_tune.search import open_study
+from ssam_tune.study import open_study
 
 N_SAMPLED = 97
-
-
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.mark.slow
@@ -39,7 +33,7 @@ def test_100_trials_four_at_a_time(tmp_path, monkeypatch):
                      trainable=trivial_trainable)
     wall = time.perf_counter() - t0
 
-    trials = _rows(out / "trials.csv")
+    trials = read_rows(out / "trials.csv")
     ids = [t["trial_id"] for t in trials]
     assert len(ids) == len(set(ids)) == 100, f"{len(ids)} rows, {len(set(ids))} unique"
     statuses = Counter(t["status"] for t in trials)
@@ -58,7 +52,7 @@ def test_100_trials_four_at_a_time(tmp_path, monkeypatch):
     sampled = Counter(t["status"] for t in trials if t["kind"] == "search")
     assert states["COMPLETE"] == sampled["completed"] and states["PRUNED"] == sampled["pruned"]
 
-    front = _rows(out / "pareto.csv")
+    front = read_rows(out / "pareto.csv")
     assert front and all(p["trial_id"] in set(ids) for p in front)
     # The trivial trainable's accuracy grows with rho and density, so the front is a real
     # trade-off: several full-fidelity points, none dominated by any completed trial.

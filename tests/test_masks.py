@@ -58,7 +58,7 @@ def loop_reference(model, x, y, bn):
     for i in range(x.shape[0]):
         work.zero_grad()
         F.cross_entropy(work(x[i:i + 1]), y[i:i + 1]).backward()
-        for a, p in zip(acc, work.parameters()):
+        for a, p in zip(acc, work.parameters(), strict=True):
             if p.grad is not None:
                 a += p.grad ** 2
     return acc
@@ -66,7 +66,7 @@ def loop_reference(model, x, y, bn):
 
 def assert_scores_close(got, ref):
     scale = max(float(r.abs().max()) for r in ref)
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         assert g.shape == r.shape
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12 * scale)
 
@@ -92,7 +92,7 @@ def test_per_sample_and_eval_modes_differ():
     x, y = data(6)
     a = M.fisher_scores(model, None, x, y, bn="per_sample")
     b = M.fisher_scores(model, None, x, y, bn="eval")
-    assert any(not torch.allclose(u, v) for u, v in zip(a, b))
+    assert any(not torch.allclose(u, v) for u, v in zip(a, b, strict=True))
 
 
 def test_fisher_is_not_square_of_batch_gradient():
@@ -102,7 +102,7 @@ def test_fisher_is_not_square_of_batch_gradient():
     F.cross_entropy(work(x), y, reduction="sum").backward()
     batch_sq = [p.grad ** 2 for p in work.parameters()]
     got = M.fisher_scores(model, None, x, y, bn="eval")
-    assert any(not torch.allclose(u, v) for u, v in zip(got, batch_sq))
+    assert any(not torch.allclose(u, v) for u, v in zip(got, batch_sq, strict=True))
 
 
 def test_fisher_independent_of_reduction_and_smoothing():
@@ -128,7 +128,7 @@ def test_fisher_leaves_model_untouched():
         assert all(m.training is training for m in model.modules())
         for k, v in model.state_dict().items():
             assert torch.equal(v, state[k]), k
-        for p, g in zip(model.parameters(), grads):
+        for p, g in zip(model.parameters(), grads, strict=True):
             assert torch.equal(p.grad, g)
 
 
@@ -156,7 +156,20 @@ def test_fisher_mask_in_float32_overlaps_float64():
     x, y = data(8)
     s64 = M.fisher_scores(model, None, x, y)
     s32 = M.fisher_scores(model.float(), None, x.float(), y)
+    # float32 scores are the float64 reference to float32 accuracy, whatever kernels a CPU uses
+    scale = max(float(s.abs().max()) for s in s64)
+    rtol, atol = 1e-4, 1e-6 * scale
+    for a, b in zip(s32, s64, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol)
     m64, m32 = M.topk_mask(s64, 0.5), M.topk_mask(s32, 0.5)
+    # Hence the masks can differ only on scores within that tolerance of the k-th largest one
+    # (no CPU can move a score across the cut from further away); there are few of them here.
+    flat = torch.cat([s.flatten() for s in s64])
+    kth = flat.sort(descending=True).values[M.num_perturbed(flat.numel(), 0.5) - 1]
+    near = (flat - kth).abs() <= 3 * (rtol * kth + atol)
+    differ = torch.cat([m.flatten() for m in m32]) != torch.cat([m.flatten() for m in m64])
+    assert not (differ & ~near).any()
+    assert int(near.sum()) <= 6, int(near.sum())  # at most 3 swaps of 137 perturbed weights
     assert M.mask_stats(m32, m64)["overlap"] > 0.95
 
 
@@ -169,7 +182,7 @@ def test_topk_exact_count_and_largest(s):
     masks = M.topk_mask(scores, s)
     k = math.floor(round((1 - s) * d, 9))
     assert sum(int(m.sum()) for m in masks) == k
-    assert all(m.dtype == torch.bool and m.shape == t.shape for m, t in zip(masks, scores))
+    assert all(m.dtype == torch.bool and m.shape == t.shape for m, t in zip(masks, scores, strict=True))
     flat = torch.cat([t.flatten() for t in scores])
     chosen = torch.cat([m.flatten() for m in masks])
     if 0 < k < d:
@@ -188,7 +201,7 @@ def test_random_mask_exact_and_seeded():
     a = M.random_mask(like, 0.75, generator=torch.Generator().manual_seed(5))
     b = M.random_mask(like, 0.75, generator=torch.Generator().manual_seed(5))
     assert sum(int(m.sum()) for m in a) == math.floor(0.25 * 120)
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
 
 # -- SSAM-D ------------------------------------------------------------------------------------
@@ -295,8 +308,3 @@ def test_mask_stats():
     assert st["overlap"] == pytest.approx(2 / 3)
     assert M.mask_stats(a)["overlap"] is None
 
-
-def test_mask_kind_validation():
-    assert M.check_mask_kind("fisher") == "fisher"
-    with pytest.raises(ValueError, match="kind='magic'"):
-        M.check_mask_kind("magic")

@@ -41,8 +41,13 @@ def grads_at(model, x, y):
 
 
 def reference_sam(model, data, masks=None, normalize="full", rho=RHO):
-    """Plain loop: e from the loss gradient, restore by copy, SGD(momentum, wd) by hand."""
+    """Plain loop: e from the loss gradient, restore by copy, SGD(momentum, wd) by hand.
+
+    ``rho`` is one radius, or a list with one per parameter (per-group rho); the norm in the
+    denominator is always over the whole (masked or full) gradient."""
     params = list(model.parameters())
+    rhos = list(rho) if isinstance(rho, (list, tuple)) else [rho] * len(params)
+    assert len(rhos) == len(params)
     bufs = [None] * len(params)
     for x, y in data:
         g = grads_at(model, x, y)
@@ -58,7 +63,7 @@ def reference_sam(model, data, masks=None, normalize="full", rho=RHO):
         old = [p.detach().clone() for p in params]
         with torch.no_grad():
             for i in live:
-                params[i].add_(rho * gm[i] / (norm + EPS))
+                params[i].add_(rhos[i] * gm[i] / (norm + EPS))
         g2 = grads_at(model, x, y)
         with torch.no_grad():
             for i, p in enumerate(params):
@@ -86,7 +91,7 @@ def momentum_buffers(opt, model):
 
 
 def assert_same(a_list, b_list, atol=1e-12):
-    for a, b in zip(a_list, b_list):
+    for a, b in zip(a_list, b_list, strict=True):
         if a is None or b is None:
             assert a is None and b is None
         else:
@@ -130,7 +135,7 @@ def test_step_closure_equals_two_phases():
     o2 = SAM(m2.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM)
     run_wrapper(m1, o1, data)
     for x, y in data:
-        def closure():
+        def closure(x=x, y=y):  # called within this iteration
             loss = loss_of(m2, x, y)
             loss.backward()
             return loss
@@ -140,21 +145,30 @@ def test_step_closure_equals_two_phases():
 
 def test_per_group_rho_matches_reference():
     model, ref = tiny_model(), tiny_model()
-    data = batches(2)
+    data = batches()
     p = list(model.parameters())
-    opt = SAM([{"params": p[:2], "rho": 0.05}, {"params": p[2:], "rho": 0.2}], torch.optim.SGD, lr=LR)
+    rhos = [0.05, 0.05, 0.2, 0.2]  # one per parameter: the first layer in one group, the second in another
+    opt = SAM([{"params": p[:2], "rho": 0.05}, {"params": p[2:], "rho": 0.2}], torch.optim.SGD, lr=LR,
+              momentum=MOM, weight_decay=WD)
+    # the first climb by hand: each group's own rho, one norm over both groups
     x, y = data[0]
     loss_of(model, x, y).backward()
     g = [q.grad.clone() for q in model.parameters()]
     w0 = [q.detach().clone() for q in model.parameters()]
     opt.first_step()
     norm = math.sqrt(sum(float((gi ** 2).sum()) for gi in g))
-    rhos = [0.05, 0.05, 0.2, 0.2]
-    for q, w, gi, r in zip(model.parameters(), w0, g, rhos):
+    for q, w, gi, r in zip(model.parameters(), w0, g, rhos, strict=True):
         torch.testing.assert_close(q.detach() - w, r * gi / (norm + EPS), rtol=0, atol=1e-13)
-    e_norm = math.sqrt(sum((r * float(gi.norm()) / (norm + EPS)) ** 2 for gi, r in zip(g, rhos)))
+    e_norm = math.sqrt(sum((r * float(gi.norm()) / (norm + EPS)) ** 2 for gi, r in zip(g, rhos, strict=True)))
     assert opt.last_e_norm.item() == pytest.approx(e_norm, rel=1e-12)
-    del ref
+    opt.zero_grad()
+    loss_of(model, x, y).backward()  # the gradient at w + e
+    opt.second_step(zero_grad=True)
+    # then every step of the run against the plain float64 loop with the same per-parameter rho
+    run_wrapper(model, opt, data[1:])
+    ref_params, ref_bufs = reference_sam(ref, data, rho=rhos)
+    assert_same(list(model.parameters()), ref_params)
+    assert_same(momentum_buffers(opt, model), ref_bufs)
 
 
 def test_ssam_sparsity_zero_and_unset_masks_equal_sam():
@@ -213,13 +227,13 @@ def test_perturbation_touches_exactly_the_mask(normalize):
     g = [p.grad.clone() for p in model.parameters()]
     w0 = [p.detach().clone() for p in model.parameters()]
     opt.first_step()
-    e = [p.detach() - w for p, w in zip(model.parameters(), w0)]
-    for ei, m in zip(e, masks):
+    e = [p.detach() - w for p, w in zip(model.parameters(), w0, strict=True)]
+    for ei, m in zip(e, masks, strict=True):
         assert torch.all(ei[~m] == 0)
         assert torch.all(ei[m] != 0)
     e_norm = math.sqrt(sum(float((ei ** 2).sum()) for ei in e))
     g_norm = math.sqrt(sum(float((gi ** 2).sum()) for gi in g))
-    gm_norm = math.sqrt(sum(float(((gi * m) ** 2).sum()) for gi, m in zip(g, masks)))
+    gm_norm = math.sqrt(sum(float(((gi * m) ** 2).sum()) for gi, m in zip(g, masks, strict=True)))
     expected = 0.3 * gm_norm / g_norm if normalize == "full" else 0.3
     assert e_norm == pytest.approx(expected, rel=1e-6)
     assert opt.last_e_norm.item() == pytest.approx(e_norm, rel=1e-6)
@@ -239,7 +253,7 @@ def test_restore_is_exact_copy():
         opt.first_step(zero_grad=True)
         model(x).square().mean().backward()
         opt.second_step(zero_grad=True)
-    for p, b in zip(model.parameters(), before):
+    for p, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, b)
 
 
@@ -259,7 +273,7 @@ def test_state_dict_round_trip_continues_in_lockstep():
     opt2.load_state_dict(saved["opt"])
     assert opt2.param_groups[0]["lr"] == LR and opt2.param_groups[0]["rho"] == RHO
     assert opt2.param_groups is opt2.base_optimizer.param_groups
-    for m1, m2 in zip(opt.masks(), opt2.masks()):
+    for m1, m2 in zip(opt.masks(), opt2.masks(), strict=True):
         assert m2.dtype == torch.bool and torch.equal(m1, m2)
     run_wrapper(model, opt, data[4:])
     run_wrapper(clone, opt2, data[4:])
@@ -288,7 +302,8 @@ def test_masks_are_bool_on_param_device_and_validated():
     model = tiny_model()
     opt = SSAM(model.parameters(), sparsity=0.5, lr=LR)
     opt.set_masks([torch.ones_like(p) for p in model.parameters()])  # float in, bool kept
-    assert all(m.dtype == torch.bool and m.device == p.device for m, p in zip(opt.masks(), model.parameters()))
+    assert all(m.dtype == torch.bool and m.device == p.device
+               for m, p in zip(opt.masks(), model.parameters(), strict=True))
     with pytest.raises(ValueError, match="masks must have one tensor per parameter"):
         opt.set_masks([torch.ones(1, dtype=torch.bool)])
     with pytest.raises(ValueError, match=r"masks\[0\] must be a tensor of shape"):
@@ -324,7 +339,7 @@ def test_dynamic_update_through_optimizer_keeps_density():
     opt.dynamic_update(1, 10, alpha=0.5, generator=gen)
     d = sum(p.numel() for p in model.parameters())
     assert sum(int(m.sum()) for m in opt.masks()) == d // 2
-    assert any(not torch.equal(a, b) for a, b in zip(before, opt.masks()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, opt.masks(), strict=True))
 
 
 def test_freeze_bn_stats_keeps_running_statistics():

@@ -3,38 +3,33 @@
 The test-only space (tests/spaces/fast.yaml) has epochs of about a second on a CPU.
 """
 
-import csv
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
-import yaml
+from _helpers import (
+    FAST,
+    REPO,
+    fast_space,
+    kill_group,
+    read_rows,
+    reap_session,
+    reported_epochs,
+    run_module,
+    start_driver,
+    wait_for,
+    write_yaml,
+)
 
-from ssam_tune.search import open_study
+from ssam_tune.study import open_study
 from ssam_tune.train import load_checkpoint
 
-HERE = Path(__file__).parent
-FAST = HERE / "spaces" / "fast.yaml"
 
-
-def _run_cli(args, cwd, **kw):
-    return subprocess.run([sys.executable, "-m", "ssam_tune.run", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=900, **kw)
-
-
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _epochs(trial_dir: Path) -> list[int]:
-    f = trial_dir / "result.json"
-    return [json.loads(line)["epoch"] for line in f.read_text().splitlines()] if f.exists() else []
+def _run_cli(args, cwd):
+    return run_module("ssam_tune.run", *args, cwd=cwd, timeout=900)
 
 
 def _dominates(a, b):
@@ -50,16 +45,20 @@ def finished_search(tmp_path_factory):
 
 
 def test_end_to_end_search(finished_search):
-    root = finished_search
-    exp, out = root / "ray" / "fast", root / "fast"
-    trials = _rows(out / "trials.csv")
+    out = finished_search / "fast"
+    trials = read_rows(out / "trials.csv")
     assert len(trials) == 9 and len({t["trial_id"] for t in trials}) == 9  # 3 baselines + 6 sampled
     statuses = {t["status"] for t in trials}
-    assert "pruned" in statuses and "completed" in statuses
+    # Whether ASHA stops a trial depends on how the accuracies of real (CPU-rounded) training
+    # runs compare, so pruning is not required here: it is checked with the deterministic
+    # trainable of tests/test_load.py. A pruned trial here stopped before full fidelity.
+    assert "completed" in statuses, statuses
     for t in trials:  # the anchors always run to full fidelity
         if t["label"] in ("sgd", "sam", "ssam"):
             assert t["status"] == "completed"
-    front = _rows(out / "pareto.csv")
+        if t["status"] == "pruned":
+            assert int(t["epochs_reached"]) < 4, t
+    front = read_rows(out / "pareto.csv")
     # SGD (1x) is always on the front; with second-long epochs a sparse or SAM trial may or may
     # not beat it, so the two-point front is checked with the deterministic load trainable
     # (tests/test_load.py). Here: the front is exactly the non-dominated completed trials.
@@ -86,21 +85,25 @@ def test_early_stopped_trials_are_pruned_in_optuna(finished_search):
     states = {t.number: (t.state.name, t.user_attrs.get("status")) for t in study.trials}
     assert len(states) == 6
     pruned = [n for n, (s, _) in states.items() if s == "PRUNED"]
-    assert pruned and all(states[n][1] == "pruned" for n in pruned)
+    # (how many ASHA stops depends on the runs' accuracies: tests/test_load.py requires some)
+    assert all(states[n][1] == "pruned" for n in pruned)
+    # each sampled trial's Optuna state follows from its status in trials.csv
+    state_of = {"completed": "COMPLETE", "diverged": "COMPLETE", "pruned": "PRUNED", "errored": "FAIL"}
+    sampled = [t for t in read_rows(finished_search / "fast" / "trials.csv") if t["kind"] == "search"]
+    assert {t["trial_id"]: state_of[t["status"]] for t in sampled} == \
+        {t.user_attrs["ray_trial_id"]: t.state.name for t in study.trials}
     for t in study.trials:
+        reached = max(reported_epochs(exp / f"trial_{t.user_attrs['ray_trial_id']}"), default=0)
         if t.state.name == "COMPLETE":
-            ray_dir = exp / f"trial_{t.user_attrs['ray_trial_id']}"
-            assert max(_epochs(ray_dir)) == 4  # complete only at full fidelity
+            assert reached == 4  # complete only at full fidelity
         if t.state.name == "PRUNED":
-            assert max(_epochs(exp / f"trial_{t.user_attrs['ray_trial_id']}")) < 4
-    assert all(not (t.values and t.state.name == "COMPLETE" and max(_epochs(exp / f"trial_{t.user_attrs['ray_trial_id']}")) < 4)
-               for t in study.trials)
+            assert reached < 4
+        assert not (t.values and t.state.name == "COMPLETE" and reached < 4)
 
 
 def test_best_config_reruns(finished_search, tmp_path):
     best = finished_search / "fast" / "best_config.yaml"
-    r = subprocess.run([sys.executable, "-m", "ssam_tune.train", str(best), "--set", "train.epochs=1",
-                        "--out", str(tmp_path / "rerun")], capture_output=True, text=True, timeout=600)
+    r = run_module("ssam_tune.train", str(best), "--set", "train.epochs=1", "--out", str(tmp_path / "rerun"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "rerun" / "metrics.json").read_text())["status"] == "completed"
 
@@ -109,15 +112,6 @@ def test_existing_experiment_needs_resume(finished_search):
     r = _run_cli([str(FAST), "--storage", str(finished_search / "ray"), "--results", str(finished_search)],
                  cwd=finished_search)
     assert r.returncode == 2 and "already exists" in r.stderr
-
-
-def _wait_for(predicate, timeout):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return True
-        time.sleep(0.3)
-    return False
 
 
 def _experiment_done(exp: Path) -> bool:
@@ -134,14 +128,13 @@ def _experiment_done(exp: Path) -> bool:
 
 @pytest.mark.parametrize("moment", ["first_trials", "mid_search", "export"])
 def test_sigkill_driver_then_resume(moment, tmp_path):
-    space = yaml.safe_load(FAST.read_text())
+    space = fast_space()
     space["train"]["epochs"] = 6
     space["tune"]["scheduler"]["grace_period"] = 2
-    (tmp_path / "kill.yaml").write_text(yaml.safe_dump(space))
+    write_yaml(tmp_path / "kill.yaml", space)
     args = ["kill.yaml", "--storage", str(tmp_path / "ray"), "--results", str(tmp_path)]
     exp = tmp_path / "ray" / "fast"
-    driver = subprocess.Popen([sys.executable, "-m", "ssam_tune.run", *args], cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = start_driver(args, tmp_path, tmp_path / "driver.log")
 
     def rung_records():
         f = exp / "asha_rungs.json"
@@ -159,7 +152,7 @@ def test_sigkill_driver_then_resume(moment, tmp_path):
         "export": lambda: _experiment_done(exp) or (tmp_path / "fast").exists(),
     }[moment]
     try:
-        assert _wait_for(when, 600), f"search never reached the kill point {moment}"
+        assert wait_for(when, 600), f"search never reached the kill point {moment}"
         before_rungs = rung_records()
         before_ckpt = {d.name: load_checkpoint(d / "checkpoint.pt")["epoch"]
                        for d in exp.glob("checkpoints/*") if (d / "checkpoint.pt").exists()} \
@@ -167,20 +160,20 @@ def test_sigkill_driver_then_resume(moment, tmp_path):
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray, no clean-up
         driver.wait()
     finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+        kill_group(driver)
+        reap_session(driver.pid)  # no worker of the killed run is left to write
     r = _run_cli([*args, "--resume"], cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # ASHA's rung records from before the kill are still there
     assert set(before_rungs) <= set(rung_records())
-    trials = _rows(tmp_path / "fast" / "trials.csv")
+    trials = read_rows(tmp_path / "fast" / "trials.csv")
     ids = [t["trial_id"] for t in trials]
     assert len(ids) == len(set(ids)) == 9  # every trial once
     assert all(t["status"] in ("completed", "pruned") for t in trials)
     for trial_id in ids:
-        epochs = _epochs(exp / f"trial_{trial_id}")
+        epochs = reported_epochs(exp / f"trial_{trial_id}")
         # never restarted from scratch: epochs only go up (a finished trial may repeat its last)
-        assert all(b > a or (b == a == epochs[-1]) for a, b in zip(epochs, epochs[1:])), (trial_id, epochs)
+        assert all(b > a or (b == a == epochs[-1]) for a, b in pairwise(epochs)), (trial_id, epochs)
         if trial_id in before_ckpt:
             # every epoch reported after the kill came from a run resumed at its checkpoint
             lines = [json.loads(x) for x in (exp / f"trial_{trial_id}" / "result.json").read_text().splitlines()]
@@ -193,26 +186,19 @@ def test_sigkill_driver_then_resume(moment, tmp_path):
         assert (tmp_path / "fast" / name).exists()
 
 
-def test_fractional_gpus_on_a_multi_node_cluster(tmp_path, monkeypatch):
-    from ray.cluster_utils import Cluster
-
+def test_fractional_gpus_on_a_multi_node_cluster(tmp_path, ray_cluster):
     from ssam_tune.run import run_search
     from ssam_tune.space import load_space
 
-    space = yaml.safe_load(FAST.read_text())
+    space = fast_space()
     space["tune"].update(num_samples=2, baselines=["sgd", "sam"], resources={"cpu": 1, "gpu": 0.5},
                          max_concurrent_trials=4, scheduler="none")
     space["train"]["epochs"] = 2
-    (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(space))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
-    try:
-        for _ in range(2):  # two worker nodes that declare one GPU each (they have none)
-            cluster.add_node(num_cpus=2, num_gpus=1)
-        cluster.wait_for_nodes()
-        out = run_search(load_space(tmp_path / "gpu.yaml"), storage=str(tmp_path / "ray"), resume=False,
-                         address=cluster.address, results=str(tmp_path))
-    finally:
-        cluster.shutdown()
+    write_yaml(tmp_path / "gpu.yaml", space)
+    # two worker nodes that declare one GPU each (they have none)
+    cluster = ray_cluster({"num_cpus": 1, "num_gpus": 0}, workers=[{"num_cpus": 2, "num_gpus": 1}] * 2)
+    out = run_search(load_space(tmp_path / "gpu.yaml"), storage=str(tmp_path / "ray"), resume=False,
+                     address=cluster.address, results=str(tmp_path))
     exp = tmp_path / "ray" / "fast"
     nodes, devices = set(), set()
     for d in exp.glob("trial_*"):
@@ -221,21 +207,21 @@ def test_fractional_gpus_on_a_multi_node_cluster(tmp_path, monkeypatch):
         devices.add(rows[-1]["device"])
     assert len(nodes) >= 2  # 0.5-GPU trials spread over both GPU nodes
     assert devices == {"cpu"}  # CUDA_VISIBLE_DEVICES set, no CUDA: CPU fallback
-    assert len(_rows(out / "trials.csv")) == 4
+    assert len(read_rows(out / "trials.csv")) == 4
 
 
 def test_confirmation_reruns_front_points_with_seeds(tmp_path):
-    space = yaml.safe_load(FAST.read_text())
+    space = fast_space()
     space["train"]["epochs"] = 2
     space["tune"].update(num_samples=1, baselines=["sgd"], scheduler="none", confirm={"top_k": 1, "seeds": [1, 2]})
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(space))
+    write_yaml(tmp_path / "c.yaml", space)
     r = _run_cli(["c.yaml", "--storage", str(tmp_path / "ray"), "--results", str(tmp_path)], cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = _rows(tmp_path / "fast" / "confirm.csv")
+    rows = read_rows(tmp_path / "fast" / "confirm.csv")
     assert len(rows) == 1
     row = rows[0]
     assert int(row["n_seeds"]) == 2 and row["test_acc_std"], row
-    front = _rows(tmp_path / "fast" / "pareto.csv")
+    front = read_rows(tmp_path / "fast" / "pareto.csv")
     assert row["label"].split("_", 1)[1] in {p["label"] for p in front}
     assert "Confirmation" in (tmp_path / "fast" / "summary.md").read_text()
     seeds = sorted(json.loads((d / "params.json").read_text())["config"]["seed"]
@@ -245,9 +231,9 @@ def test_confirmation_reruns_front_points_with_seeds(tmp_path):
 
 def test_smoke_runs_a_paper_space(tmp_path):
     # ImageNet ResNet-50 is the space that --smoke changes most (model, data, resources)
-    r = _run_cli([str(HERE.parent / "search_spaces" / "resnet50_imagenet.yaml"), "--smoke", "--storage",
+    r = _run_cli([str(REPO / "search_spaces" / "resnet50_imagenet.yaml"), "--smoke", "--storage",
                   str(tmp_path / "ray"), "--results", str(tmp_path)], cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    trials = _rows(tmp_path / "resnet50_imagenet-smoke" / "trials.csv")
+    trials = read_rows(tmp_path / "resnet50_imagenet-smoke" / "trials.csv")
     assert len(trials) == 7 and all(t["status"] in ("completed", "pruned") for t in trials)
     assert {t["model.name"] for t in trials} == {"resnet18"} and {t["data.name"] for t in trials} == {"embedded"}

@@ -1,16 +1,13 @@
 """No code execution from YAML or checkpoints; Ray's dashboard off; names stay in results/."""
 
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _helpers import FAST, run_module
 
 from ssam_tune.train import load_checkpoint
-
-HERE = Path(__file__).parent
 
 
 class _Exploit:
@@ -43,16 +40,14 @@ def test_yaml_python_tags_never_run(tmp_path):
     marker = tmp_path / "pwned"
     (tmp_path / "s.yaml").write_text(f"seed: !!python/object/apply:pathlib.Path.touch [{str(marker)!r}]\n")
     for module in ("ssam_tune.run", "ssam_tune.train"):
-        r = subprocess.run([sys.executable, "-m", module, str(tmp_path / "s.yaml")], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
+        r = run_module(module, str(tmp_path / "s.yaml"), cwd=tmp_path, timeout=120)
         assert r.returncode == 2 and "!!python" in r.stderr
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("name", ["../outside", "/abs", "a/b", ".hidden"])
 def test_experiment_name_cannot_escape_results(name, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ssam_tune.run", str(HERE / "spaces" / "fast.yaml"), "--name", name,
-                        "--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = run_module("ssam_tune.run", str(FAST), "--name", name, "--dry-run", cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "--name" in r.stderr
     assert list(tmp_path.iterdir()) == []
 

@@ -1,22 +1,17 @@
 """Search-space validation: the bad-input corpus in-process, a handful through the real
 CLIs, define-by-run sampling and the dry run."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import optuna
 import pytest
 import yaml
+from _helpers import FAST, HERE, REPO, run_module, write_yaml
 
 from ssam_tune.config import ConfigError, load_config
 from ssam_tune.run import space_to_dict
 from ssam_tune.space import load_space, sample_params, smoke
 
-HERE = Path(__file__).parent
 BAD = HERE / "bad_inputs"
 CORPUS = yaml.safe_load((BAD / "expected.yaml").read_text())
-REPO = HERE.parent
 
 
 def test_corpus_is_large_enough():
@@ -45,8 +40,7 @@ def test_bad_input_is_refused_with_its_message(name):
     ("train_negative_rho.yaml", "ssam_tune.train"),
 ])
 def test_cli_refuses_with_exit_2_and_writes_nothing(name, module, tmp_path):
-    r = subprocess.run([sys.executable, "-m", module, str(BAD / name)], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=120)
+    r = run_module(module, str(BAD / name), cwd=tmp_path, timeout=120)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and CORPUS[name]["error"] in lines[0] and "Traceback" not in r.stderr
@@ -64,7 +58,7 @@ def test_shipped_spaces_load_and_smoke():
 
 
 def test_define_by_run_samples_conditionally():
-    space = load_space(HERE / "spaces" / "fast.yaml")
+    space = load_space(FAST)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
     seen = {}
     for _ in range(30):
@@ -80,18 +74,18 @@ def test_define_by_run_samples_conditionally():
 
 
 def test_space_round_trips_through_its_dump(tmp_path):
-    space = load_space(HERE / "spaces" / "fast.yaml")
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump(space_to_dict(space), sort_keys=False))
+    space = load_space(FAST)
+    write_yaml(tmp_path / "s.yaml", space_to_dict(space))
     again = load_space(tmp_path / "s.yaml")
     assert again.base == space.base and again.search == space.search and again.tune == space.tune
     assert [c for _, c in again.fixed_trials()] == [c for _, c in space.fixed_trials()]
 
 
 def test_cases_cross_seeds(tmp_path):
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+    write_yaml(tmp_path / "c.yaml", {
         "model": {"width": 0.0625}, "data": {"val_fraction": 0.1},
         "cases": [{"label": "sgd", "method": {"name": "sgd"}}, {"method.name": "ssam_d", "method.sparsity": 0.9}],
-        "seeds": [3, 4], "tune": {"scheduler": "none"}}))
+        "seeds": [3, 4], "tune": {"scheduler": "none"}})
     space = load_space(tmp_path / "c.yaml")
     fixed = space.fixed_trials()
     assert [label for label, _ in fixed] == ["sgd/seed3", "sgd/seed4", "case1/seed3", "case1/seed4"]
@@ -100,8 +94,7 @@ def test_cases_cross_seeds(tmp_path):
 
 
 def test_dry_run_prints_space_and_budget(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ssam_tune.run", str(HERE / "spaces" / "fast.yaml"), "--dry-run"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = run_module("ssam_tune.run", str(FAST), "--dry-run", cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "trial budget: 9 trials (3 fixed + 6 sampled)" in r.stdout
     assert "method.rho: loguniform [0.02, 0.5]" in r.stdout

@@ -1,0 +1,104 @@
+"""The accuracy-versus-cost picture, ``pareto.png`` (matplotlib, imported when drawing)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+from ssam_tune.experiment import atomic_write
+from ssam_tune.export.read import BASELINE_ORDER, STATUSES
+from ssam_tune.export.write import cost_words
+
+
+def plot_front(rows: list[dict], front: list[dict], path: str | os.PathLike, *, title: str,
+               cost_metric: str = "flops_theoretical", flops_kind: str = "theoretical",
+               sgd_cost: float | None = None) -> tuple[list[float], list[float]]:
+    """Draw validation accuracy against cost to ``path`` (PNG) and return the (x, y) of the
+    front as drawn (x: cost as a multiple of SGD's when ``sgd_cost`` is given, else the
+    cost itself; y: val_acc), so callers can check them against pareto.csv.
+
+    Completed trials are light points (by method), the front a step line through exactly the
+    ``front`` rows, the anchors (SGD 1x, SAM ~2x, the default SSAM) marked and labelled, and
+    pruned trials faint crosses at their last accuracy (not full fidelity). Uses the Agg
+    canvas directly: no pyplot, no global backend change.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+
+    def xval(r):
+        c = r.get(cost_metric)
+        return None if c is None else (c / sgd_cost if sgd_cost else c)
+
+    fig = Figure(figsize=(11, 5.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    completed = [r for r in rows if r["status"] == "completed" and r.get("val_acc") is not None and xval(r) is not None]
+    pruned = [r for r in rows if r["status"] == "pruned" and r.get("val_acc") is not None and xval(r) is not None]
+    xs_all = [xval(r) for r in completed + pruned]
+    methods = sorted({str(r.get("method.name")) for r in completed})
+    palette = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+    if pruned:
+        ax.scatter([xval(r) for r in pruned], [r["val_acc"] for r in pruned], marker="x", s=22, color="0.6",
+                   alpha=0.5, linewidths=1, label="pruned: accuracy when stopped (not full fidelity)", zorder=1)
+    for m in methods:
+        pts = [r for r in completed if str(r.get("method.name")) == m]
+        ax.scatter([xval(r) for r in pts], [r["val_acc"] for r in pts], s=36, color=colors[m], alpha=0.35,
+                   edgecolors="none", label=f"completed: {m}", zorder=2)
+    front = sorted(front, key=xval)  # a step line runs left to right (stable: ties keep their order)
+    fx = [xval(r) for r in front]
+    fy = [r["val_acc"] for r in front]
+    if front:
+        ax.step(fx, fy, where="post", color="black", linewidth=1.6, zorder=3,
+                label=f"Pareto front ({len(front)} completed trial{'s' if len(front) != 1 else ''})")
+        ax.scatter(fx, fy, s=42, color="black", zorder=4)
+        for x, y, r in zip(fx, fy, front, strict=True):
+            if r["kind"] == "baseline" and r["label"] in BASELINE_ORDER:
+                continue  # labelled as an anchor below
+            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, -11), fontsize=7, color="0.15")
+    if len(completed) <= 15:  # few points: name the dominated ones too
+        on_front = {id(r) for r in front}
+        for r in completed:
+            if id(r) not in on_front and not (r["kind"] == "baseline" and r["label"] in BASELINE_ORDER):
+                ax.annotate(r["label"], (xval(r), r["val_acc"]), textcoords="offset points", xytext=(5, -11),
+                            fontsize=7, color="0.5")
+    names = {"sgd": "SGD", "sam": "SAM", "ssam": "SSAM-F default"}
+    marks = {"sgd": ("s", "black"), "sam": ("D", "black"), "ssam": ("^", "black")}
+    for r in completed:
+        if r["kind"] == "baseline" and r["label"] in names:
+            shape, color = marks[r["label"]]
+            x = xval(r)
+            text = f"{names[r['label']]} ({x:.2f}x)" if sgd_cost else names[r["label"]]
+            if sgd_cost and r["label"] == "sgd":
+                text = "SGD (1x)"
+            ax.scatter([x], [r["val_acc"]], marker=shape, s=110, facecolors="none", edgecolors=color,
+                       linewidths=2, zorder=5, label=f"anchor: {text}")
+            ax.annotate(text, (x, r["val_acc"]), textcoords="offset points", xytext=(6, 6), fontsize=8,
+                        color=color, fontweight="bold")
+    what, unit = cost_words(flops_kind)
+    if sgd_cost:
+        ax.set_xlabel(f"{what}, multiple of SGD's (1x = {sgd_cost:.3g} {unit})")
+    else:
+        ax.set_xlabel(f"{what} ({unit})")
+    if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 20:
+        ax.set_xscale("log")
+    ax.set_ylabel("validation accuracy, final epoch (%)")
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    ax.grid(True, alpha=0.3)
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    ax.set_title(f"{title}: validation accuracy vs {what}\n"
+                 f"{counts['completed']} completed, {counts['pruned']} pruned, {counts['diverged']} diverged, "
+                 f"{counts['errored']} errored; front over completed trials only", fontsize=10)
+    if not completed:
+        ax.text(0.5, 0.5, "no completed trials yet", transform=ax.transAxes, ha="center", va="center")
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False, markerscale=0.7)
+    ax.margins(x=0.1, y=0.08)
+    fig.subplots_adjust(left=0.08, right=0.69, top=0.88, bottom=0.11)  # the legend sits right of the axes
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    atomic_write(Path(path), buf.getvalue())
+    return fx, fy

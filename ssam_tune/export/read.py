@@ -1,0 +1,367 @@
+"""Reading an experiment folder into rows: one per trial, from its ``params.json``,
+``result.json`` and ``error.txt``, without the orphans of a killed driver (Ray's experiment
+state), joined with Optuna's view of the study; and the space.yaml, read tolerantly.
+
+Everything here reads a local folder (for a URI, the copy made by
+:meth:`ssam_tune.experiment.Experiment.fetch_small_files`, see :func:`local_copy`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ssam_tune.experiment import CHECKPOINTS_DIR, JOURNAL_FILE, SPACE_FILE, Experiment
+
+STATUSES = ("completed", "pruned", "diverged", "errored", "pending")
+BASELINE_ORDER = ("sgd", "sam", "ssam")
+# Per-epoch metrics of ssam_tune.train.Trainer, in the order the CSV shows them.
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "mask_density",
+           "mask_overlap", "mask_refreshes", "e_norm", "epoch_seconds", "images_per_second",
+           "flops_theoretical", "flops_executed", "flops_mask", "flops_steps_theoretical",
+           "flops_steps_executed", "train_seconds")
+# Ray's bookkeeping keys in result.json: not metrics.
+RAY_KEYS = frozenset({"timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration",
+                      "trial_id", "date", "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip",
+                      "config", "time_since_restore", "iterations_since_restore", "experiment_tag",
+                      "warmup_time", "episodes_total", "timesteps_total", "timesteps_since_restore",
+                      "status", "label", "epoch", "best_val_acc", "best_epoch"})
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or ``{}`` when the file is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_results(path: Path) -> list[dict]:
+    """The JSON lines of a ``result.json`` in file order (a line cut short by a crash is skipped)."""
+    rows = []
+    try:
+        text = path.read_text()
+    except OSError:
+        return rows
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a finite float, else None (bools, strings, NaN and inf are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _per_epoch(rows: list[dict]) -> list[dict]:
+    """One row per epoch >= 1, the newest report winning (a resumed trial repeats epochs)."""
+    by_epoch: dict[int, dict] = {}
+    for row in rows:
+        epoch = row.get("epoch")
+        if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1:
+            by_epoch[epoch] = row
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Failure|Timeout|Warning|Died)\w*"
+                       r"(\([\w.]+\))?(:.*)?$")
+_SKIP_LINE = re.compile(r"^(Failure # |Traceback |During handling|The above exception|ray::|\s)")
+
+
+def error_message(text: str) -> str:
+    """The meaningful line of a Ray ``error.txt``: the exception line (``ValueError: boom``) of
+    the last failure recorded (a trial may fail, be retried and fail again), else its first
+    non-boilerplate line. At most 300 characters."""
+    blocks = re.split(r"(?m)^Failure # \d+.*$", text)
+    block = next((b for b in reversed(blocks) if b.strip()), "")
+    lines = [ln.rstrip() for ln in block.splitlines() if ln.strip()]
+    found = None
+    for ln in lines:
+        if not _SKIP_LINE.match(ln) and _EXC_LINE.match(ln):
+            found = ln  # the last one: the exception that ended the traceback
+    if found is None:
+        found = next((ln.strip() for ln in lines if not ln.startswith(("Failure # ", "Traceback "))), "")
+    return found[:300]
+
+
+def _failures(text: str) -> int:
+    return len(re.findall(r"(?m)^Failure # \d+", text))
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    """Nested dict to dotted keys: ``{"method": {"rho": 0.1}}`` -> ``{"method.rho": 0.1}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _canonical(config: dict) -> dict:
+    """The training config in the schema's key order (Ray stores params.json sorted), or as
+    found when it does not validate against this checkout's schema."""
+    from ssam_tune.config import ConfigError, config_from_dict, config_to_dict
+
+    try:
+        ordered = config_to_dict(config_from_dict(config))
+    except (ConfigError, TypeError, ValueError):
+        return config
+    return ordered if ordered == config else config
+
+
+def _trial_status(rows: list[dict], epochs: int | None, has_error: bool) -> str:
+    """completed (last report completed at the last epoch; wins over an error file of a retried
+    trial), diverged, errored (error file), pruned (results, stopped early), pending (nothing)."""
+    if rows:
+        last = rows[-1]
+        epoch = last.get("epoch") if isinstance(last.get("epoch"), int) else 0
+        if last.get("status") == "completed" and (epochs is None or epoch >= epochs):
+            return "completed"
+        if last.get("status") == "diverged":
+            return "diverged"
+    if has_error:
+        return "errored"
+    return "pruned" if rows else "pending"
+
+
+def _known_trial_ids(exp: Path) -> set[str] | None:
+    """Trial ids in Ray's newest experiment state, or None without one.
+
+    A driver killed between starting a trial and Ray's next state save leaves a trial folder
+    that the resumed experiment never knew; such orphans are not part of the experiment."""
+    states = sorted(exp.glob("experiment_state-*.json"))
+    if not states:
+        return None
+    try:
+        data = json.loads(states[-1].read_text())
+        ids = set()
+        for entry in data["trial_data"]:  # [trial json, runtime json] pairs in Ray 2.60
+            first = entry[0] if isinstance(entry, list) else entry
+            ids.add((json.loads(first) if isinstance(first, str) else first)["trial_id"])
+        return ids
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _trial_dirs(exp: Path) -> list[Path]:
+    """Trial folders: ``trial_*`` or any folder holding a ``params.json`` (sorted by name),
+    without the orphans of a killed driver (see :func:`_known_trial_ids`)."""
+    known = _known_trial_ids(exp)
+    out = []
+    for p in sorted(exp.iterdir()):
+        if p.is_dir() and p.name != CHECKPOINTS_DIR and (p.name.startswith("trial_") or (p / "params.json").is_file()):
+            if known is not None and p.name.removeprefix("trial_") not in known:
+                tid = read_json(p / "params.json").get("ssam_tune", {}).get("trial_id")
+                if tid not in known:
+                    continue
+            out.append(p)
+    return out
+
+
+def _read_trial(path: Path) -> dict:
+    """One row for one trial folder (see :func:`load_trials`), plus private ``_series``/``_config``."""
+    params = read_json(path / "params.json")
+    meta = params.get("ssam_tune", {}) if isinstance(params.get("ssam_tune"), dict) else {}
+    config = _canonical(params.get("config") if isinstance(params.get("config"), dict) else {})
+    rows = _read_results(path / "result.json")
+    error_text = None
+    if (path / "error.txt").is_file():
+        try:
+            error_text = (path / "error.txt").read_text(errors="replace")
+        except OSError:
+            error_text = ""
+    epochs = meta.get("epochs") or (config.get("train") or {}).get("epochs")
+    epochs = int(epochs) if isinstance(epochs, int) and not isinstance(epochs, bool) else None
+    status = _trial_status(rows, epochs, error_text is not None)
+    series = _per_epoch(rows)
+    last = rows[-1] if rows else {}
+    trial_id = meta.get("trial_id") or last.get("trial_id") or path.name.removeprefix("trial_")
+    row: dict[str, Any] = {
+        "trial_id": str(trial_id),
+        "label": meta.get("label") or last.get("label") or "",
+        "kind": meta.get("kind", ""),
+        "anchor": bool(meta.get("anchor", False)),
+        "status": status,
+        "epochs_reached": max((r["epoch"] for r in series), default=0),
+        "epochs": epochs,
+        "optuna_number": meta.get("optuna_number"),
+        "error": error_message(error_text) if error_text is not None else None,
+        "failures": _failures(error_text) if error_text else 0,
+    }
+    # final-epoch metrics: the newest report (a diverged report repeats the last good epoch)
+    final = {k: finite_number(v) for k, v in last.items() if k not in RAY_KEYS and finite_number(v) is not None}
+    for key in METRICS:
+        row[key] = final.pop(key, None)
+    for key in sorted(final):
+        row[key] = final[key]
+    best = None
+    for r in series:
+        acc = finite_number(r.get("val_acc"))
+        if acc is not None and (best is None or acc > finite_number(best.get("val_acc"))):
+            best = r  # ties: the earliest epoch, as the Trainer counts it
+    row["best_epoch"] = best["epoch"] if best else None
+    row["best_val_acc"] = finite_number(best.get("val_acc")) if best else None
+    row["test_acc_at_best"] = finite_number(best.get("test_acc")) if best else None
+    if finite_number(last.get("best_val_acc")) is not None and last.get("best_epoch"):
+        # The trainer tracks its best epoch across restarts; Ray's result.json of a restored
+        # trial may start at the epoch it resumed from.
+        row["best_epoch"] = int(last["best_epoch"])
+        row["best_val_acc"] = finite_number(last["best_val_acc"])
+        row["test_acc_at_best"] = finite_number(last.get("test_acc_at_best", row["test_acc_at_best"]))
+    row["time_total_s"] = finite_number(last.get("time_total_s"))
+    dates = sorted(str(r["date"]) for r in rows if r.get("date"))
+    row["date_first"] = dates[0] if dates else None
+    row["date_last"] = dates[-1] if dates else None
+    row["hostname"] = last.get("hostname")
+    for key, value in _flatten(config).items():
+        row[f"{key}"] = value
+    row["_series"] = series
+    row["_config"] = config
+    row["_params"] = meta.get("params") or {}
+    return row
+
+
+_STATUS_RANK = {"completed": 0, "diverged": 1, "errored": 2, "pruned": 3, "pending": 4}
+
+
+def _sort_key(row: dict) -> tuple:
+    kind_rank = {"baseline": 0, "search": 1, "case": 2}.get(row["kind"], 3)
+    label = row["label"]
+    base_rank = BASELINE_ORDER.index(label) if row["kind"] == "baseline" and label in BASELINE_ORDER else 99
+    number = row["optuna_number"] if isinstance(row["optuna_number"], int) else 1 << 30
+    return (kind_rank, base_rank, number, label, row["trial_id"])
+
+
+def _optuna_info(exp: Path, name: str | None, objective: str) -> tuple[dict, list[dict], str | None]:
+    """Optuna's view, read from a temporary copy of the journal (the experiment is left as
+    found): ({ray trial id: status attr}, [trials without a Ray trial folder], problem).
+    The journal is the folder's own: for a URI, ``fetch_small_files`` has copied it there."""
+    journal = exp / JOURNAL_FILE
+    if not journal.is_file() or not name:
+        return {}, [], "no optuna.journal"
+    try:
+        from ssam_tune.study import open_study  # Optuna only: the exports never import Ray
+
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / JOURNAL_FILE
+            shutil.copyfile(journal, copy)
+            study = open_study(str(copy), name, objective)
+            trials = study.get_trials(deepcopy=False)
+    except Exception as err:  # noqa: BLE001 - the exports do not need Optuna's view
+        return {}, [], f"optuna.journal not read ({type(err).__name__}: {err})"
+    by_ray, loose = {}, []
+    for t in trials:
+        ray_id = t.user_attrs.get("ray_trial_id")
+        status = t.user_attrs.get("status") or t.state.name.lower()
+        if ray_id:
+            by_ray[str(ray_id)] = status
+        loose.append({"number": t.number, "ray_trial_id": ray_id, "status": status, "params": dict(t.params)})
+    return by_ray, loose, None
+
+
+@contextlib.contextmanager
+def local_copy(exp_dir: str | os.PathLike) -> Iterator[Path]:
+    """The experiment's small files in a local folder: ``exp_dir`` itself, or for a URI a
+    temporary copy (:meth:`Experiment.fetch_small_files`) removed on exit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Experiment(str(exp_dir)).fetch_small_files(Path(tmp))
+
+
+def load_trials(exp_dir: str | os.PathLike, cost_metric: str | None = None) -> list[dict]:
+    """One row per trial folder of an experiment, each trial once (deduplicated by trial id).
+
+    Columns: trial_id, label, kind (baseline|search|case), anchor, status (completed, pruned,
+    diverged, errored, pending), epochs_reached, epochs, optuna_number, optuna_status (the
+    journal's status attribute), error (the exception line of ``error.txt``), failures, the
+    final-epoch metrics (val_acc, test_acc, flops_theoretical, flops_executed, flops_mask,
+    train_seconds, ...), the best epoch (best_epoch, best_val_acc, test_acc_at_best: the
+    epoch with the highest val_acc, the earliest on ties), time_total_s (Ray's wall time),
+    date_first/date_last, hostname, every training-config key as a dotted column (seed,
+    model.name, ..., method.rho, ...), and flops_rel: the cost column (``cost_metric``;
+    default the space's ``tune.flops_metric``, else flops_theoretical) divided by the
+    completed SGD anchor's (None without one). Private keys: ``_series`` (the per-epoch
+    reports), ``_config`` (the nested training config), ``_params`` (the sampled keys).
+    Rows are sorted: baselines (sgd, sam, ssam), search trials by Optuna number, the rest.
+    """
+    with local_copy(exp_dir) as exp:
+        space = try_space(exp)
+        if cost_metric is None:
+            cost_metric = space.tune.flops_metric if space is not None else "flops_theoretical"
+        return load_rows(exp, cost_metric, space)[0]
+
+
+def load_rows(exp: Path, cost_metric: str, space) -> tuple[list[dict], list[dict], str | None]:
+    """(rows of :func:`load_trials`, Optuna's trials, a note when the journal was not read)."""
+    chosen: dict[str, dict] = {}
+    for path in _trial_dirs(exp):
+        row = _read_trial(path)
+        old = chosen.get(row["trial_id"])
+        if old is None or (_STATUS_RANK[row["status"]], -row["epochs_reached"]) < \
+                (_STATUS_RANK[old["status"]], -old["epochs_reached"]):
+            chosen[row["trial_id"]] = row
+    rows = sorted(chosen.values(), key=_sort_key)
+    by_ray, loose, problem = {}, [], None
+    if space is not None and space.mode == "search":
+        by_ray, loose, problem = _optuna_info(exp, space.name, space.tune.objective)
+    sgd_cost = sgd_cost_of(rows, cost_metric)
+    for row in rows:
+        row["optuna_status"] = by_ray.get(row["trial_id"])
+        cost = row.get(cost_metric)
+        row["flops_rel"] = cost / sgd_cost if cost is not None and sgd_cost else None
+    return rows, loose, problem
+
+
+def sgd_cost_of(rows: list[dict], cost_metric: str) -> float | None:
+    """The final cost of the completed SGD anchor (the 1x of every relative cost), or None."""
+    for row in rows:
+        if row["kind"] == "baseline" and row["label"] == "sgd" and row["status"] == "completed":
+            cost = row.get(cost_metric)
+            if cost:
+                return cost
+    return None
+
+
+def try_space(exp: Path):
+    """The experiment's SearchSpace, or None when space.yaml is missing or invalid."""
+    try:
+        return load_space_file(exp / SPACE_FILE)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def load_space_file(path: Path):
+    """``load_space``, tolerating a data folder that exists only on the machines that trained
+    (the exporter never reads the data)."""
+    from ssam_tune.config import ConfigError, load_yaml
+    from ssam_tune.space import load_space
+
+    try:
+        return load_space(path)
+    except ConfigError as err:
+        if err.path != "data.root":
+            raise
+        raw = load_yaml(path)
+        raw.setdefault("data", {})["download"] = True  # skips only the "directory not found" check
+        return load_space(path, data=raw)

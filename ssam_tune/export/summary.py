@@ -1,0 +1,203 @@
+"""The text of ``summary.md``: settings, counts, the best trial, the front, failures and
+provenance; and the helpers that keep the confirmation block (written by
+:func:`ssam_tune.export.confirm.export_confirmation`) at its end across re-exports.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from ssam_tune.export.front import hp_values
+from ssam_tune.export.read import STATUSES
+from ssam_tune.export.write import cost_words, fmt_pct, fmt_sci, md_table
+
+CONFIRM_BEGIN = "<!-- ssam_tune:confirmation:begin -->"
+CONFIRM_END = "<!-- ssam_tune:confirmation:end -->"
+NOTE_SELECTION = ("Selection (the front, the best trial) used validation accuracy at the final epoch; "
+                  "test accuracy is only reported, never used to choose.")
+
+
+def _fmt_hp(row: dict, keys: list[str]) -> str:
+    parts = []
+    for k, v in hp_values(row, keys).items():
+        if v is None:
+            continue
+        short = k.split(".", 1)[-1]
+        parts.append(f"{short}={v:.4g}" if isinstance(v, float) else f"{short}={v}")
+    return ", ".join(parts)
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("ssam-tune", "torch", "ray", "optuna"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    out["python"] = platform.python_version()
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        res = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else None
+
+
+def _hardware() -> str:
+    gpu = "none"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001
+        gpu = "unknown"
+    return f"{platform.platform()}, {os.cpu_count()} CPUs, GPU: {gpu}"
+
+
+def _experiment_started(exp: Path) -> str | None:
+    names = sorted(p.name for p in exp.glob("experiment_state-*.json"))
+    if not names:
+        return None
+    return names[0].removeprefix("experiment_state-").removesuffix(".json")
+
+
+def _settings_lines(space) -> list[str]:
+    t = space.tune
+    what, _ = cost_words(t.flops)
+    lines = [f"- mode: {space.mode}"]
+    if space.mode == "search":
+        lines.append("- searched keys: " + "; ".join(f"`{d.key}` {d.describe()}" for d in space.search))
+        fixed = len(space.tune.baselines)
+        lines.append(f"- budget: {fixed + t.num_samples} trials ({fixed} baselines: "
+                     f"{', '.join(t.baselines) or 'none'}; {t.num_samples} sampled), "
+                     f"{space.epochs} epochs each at most")
+    else:
+        lines.append(f"- budget: {len(space.cases)} cases x {len(space.seeds)} seeds, {space.epochs} epochs each")
+    if t.objective == "single":
+        lines.append("- objective: single (validation accuracy, max). The front below is still computed on "
+                     f"(val_acc, `{t.flops_metric}`) for reference.")
+    else:
+        lines.append(f"- objective: multi (validation accuracy: max; `{t.flops_metric}`: min)")
+    lines.append(f"- cost: {t.flops} ({what}; column `{t.flops_metric}`)")
+    lines.append(f"- sampler: {t.sampler} (seed {t.seed}, {t.n_startup_trials} start-up trials)")
+    if t.scheduler == "asha":
+        lines.append(f"- scheduler: ASHA on val_acc over epochs, grace period {t.grace_period}, reduction factor "
+                     f"{t.reduction_factor:g}; anchor trials always run to the end")
+    else:
+        lines.append("- scheduler: none (every trial runs all epochs)")
+    lines.append(f"- resources per trial: {t.cpu:g} CPU, {t.gpu:g} GPU; max concurrent trials: "
+                 f"{t.max_concurrent_trials or 'auto'}; time budget: "
+                 f"{f'{t.time_budget_s:g} s' if t.time_budget_s else 'none'}; max failures: {t.max_failures}")
+    if t.confirm_top_k:
+        lines.append(f"- confirmation: top {t.confirm_top_k} front points x seeds {t.confirm_seeds}")
+    return lines
+
+
+def summary_text(space, exp: Path, rows: list[dict], front: list[dict], best: dict | None, keys: list[str],
+                  sgd_cost: float | None, loose: list[dict], optuna_problem: str | None, configs: dict,
+                  shown: str) -> str:
+    t = space.tune
+    cost = t.flops_metric
+    lines = [f"# Experiment `{space.name}`", ""]
+    dates = sorted(d for r in rows for d in (r.get("date_first"), r.get("date_last")) if d)
+    started = _experiment_started(exp)
+    lines.append(f"Experiment folder `{shown}`" + (f", started {started}" if started else "") +
+                 (f"; results from {dates[0]} to {dates[-1]}." if dates else "; no results yet."))
+    lines += ["", f"**{NOTE_SELECTION}**", "", "## Search settings", ""]
+    lines += _settings_lines(space)
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    lines += ["", "## Trials", ""]
+    lines += md_table(["status", "trials"], [[s, counts[s]] for s in STATUSES] + [["total", len(rows)]])
+    lines += ["", ("completed: ran every epoch (full fidelity); pruned: stopped early by the scheduler or the "
+                   "time budget; diverged: NaN/inf loss; errored: Ray recorded an error; pending: never reported.")]
+    if sgd_cost:
+        lines += ["", (f"Relative costs (`flops_rel`) are multiples of the SGD anchor's final `{cost}` "
+                       f"({sgd_cost:.4g}).")]
+    else:
+        lines += ["", "No SGD anchor completed: costs are absolute."]
+    lines += ["", "## Best trial", ""]
+    if best is None:
+        lines.append("No trial completed.")
+    else:
+        rel = f" ({best['flops_rel']:.2f}x SGD)" if best.get("flops_rel") else ""
+        lines.append(f"Trial `{best['trial_id']}` ({best['label']}, method {best.get('method.name')}; "
+                     f"{_fmt_hp(best, keys) or 'no tuned keys'}): val_acc {fmt_pct(best['val_acc'])}, "
+                     f"test_acc {fmt_pct(best.get('test_acc'))}, `{cost}` {fmt_sci(best.get(cost))}{rel}. "
+                     "Config: `best_config.yaml`.")
+    lines += ["", f"## Pareto front (val_acc: max, `{cost}`: min; completed trials only)", ""]
+    if front:
+        body = [[k, r["trial_id"], r["label"], r.get("method.name"), _fmt_hp(r, keys), fmt_pct(r["val_acc"]),
+                 fmt_pct(r.get("test_acc")), fmt_sci(r.get(cost)),
+                 f"{r['flops_rel']:.3f}" if r.get("flops_rel") else "",
+                 f"`{configs.get(r['trial_id'], '')}`"] for k, r in enumerate(front)]
+        lines += md_table(["k", "trial", "label", "method", "hyper-parameters", "val_acc", "test_acc", cost,
+                            "x SGD", "config"], body)
+    else:
+        lines.append("Empty: no trial completed.")
+    lines += ["", "![front](pareto.png)", ""]
+    for status, note in (("pruned", "stopped early; their accuracies are not full fidelity"),
+                         ("diverged", "loss became NaN or infinite"), ("errored", "Ray recorded an error")):
+        group = [r for r in rows if r["status"] == status]
+        lines += [f"## {status.capitalize()} trials ({len(group)})", ""]
+        if not group:
+            lines += ["None.", ""]
+            continue
+        lines.append(f"({note})")
+        lines.append("")
+        for r in group:
+            extra = f"; error: `{r['error']}`" if r.get("error") else ""
+            acc = f", last val_acc {fmt_pct(r.get('val_acc'))}" if r.get("val_acc") is not None else ""
+            lines.append(f"- `{r['trial_id']}` {r['label']} ({r.get('method.name')}; {_fmt_hp(r, keys)}): "
+                         f"{r['epochs_reached']}/{r['epochs']} epochs{acc}{extra}")
+        lines.append("")
+    recovered = [r for r in rows if r.get("failures") and r["status"] in ("completed", "pruned")]
+    if recovered:
+        lines += ["Trials that failed and were retried: " + ", ".join(
+            f"`{r['trial_id']}` ({r['failures']}x, last: `{r['error']}`)" for r in recovered), ""]
+    pending = [r for r in rows if r["status"] == "pending"]
+    if pending:
+        names = ", ".join(f"`{r['trial_id']}` {r['label']}" for r in pending)
+        lines += [f"Pending (never reported): {names}", ""]
+    known = {r["trial_id"] for r in rows}
+    orphans = [t_ for t_ in loose if t_["ray_trial_id"] not in known]
+    if orphans:
+        lines += ["Optuna trials without a Ray trial folder: " + ", ".join(
+            f"#{t_['number']} ({t_['status']})" for t_ in orphans), ""]
+    if optuna_problem and any(r["optuna_number"] is not None for r in rows):
+        lines += [f"Note: {optuna_problem}.", ""]
+    v = _versions()
+    hosts = sorted({str(r["hostname"]) for r in rows if r.get("hostname")})
+    lines += ["## Provenance", "",
+              f"- ssam_tune git commit: {_git_commit() or 'unknown (not a git checkout)'}",
+              "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+              f"- search seed: {t.seed}",
+              f"- trained on host(s): {', '.join(hosts) or 'unknown'}",
+              f"- exported on: {_hardware()}", ""]
+    return "\n".join(lines)
+
+
+def confirmation_block(text: str) -> str | None:
+    start, end = text.find(CONFIRM_BEGIN), text.find(CONFIRM_END)
+    if start < 0 or end < start:
+        return None
+    return text[start:end + len(CONFIRM_END)]
+
+
+def with_confirmation(summary: str, block: str | None) -> str:
+    """``summary`` with the confirmation block put at its end (replacing an older one)."""
+    old = confirmation_block(summary)
+    if old is not None:
+        summary = summary.replace(old, "").rstrip("\n") + "\n"
+    if block:
+        summary = summary.rstrip("\n") + "\n\n" + block + "\n"
+    return summary
