@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from ssam_tune import batches as B
 from ssam_tune import data as D
 
 NAME = Path(__file__).stem
@@ -85,7 +86,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     for n_threads in sorted({1, threads}):
         torch.set_num_threads(n_threads)
-        rates = time_epochs(lambda: D.iterate_batches(train, BATCH, shuffle=True,
+        rates = time_epochs(lambda: B.iterate_batches(train, BATCH, shuffle=True,
                                                       generator=gen, augment=True),
                             args.epochs)
         results[f"tensor pipeline, {n_threads} torch thread(s)"] = statistics.median(rates)

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssam_tune import masks as M
+from ssam_tune.batches import iterate_batches, sample_for_fisher
 from ssam_tune.config import Config, ConfigError, config_to_dict
-from ssam_tune.data import Data, Split, iterate_batches, load_dataset, make_dataloader, sample_for_fisher
+from ssam_tune.data import Data, Split, load_dataset, make_dataloader
 from ssam_tune.experiment import atomic_write
 from ssam_tune.flops import FlopsModel
 from ssam_tune.methods import method

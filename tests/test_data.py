@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from ssam_tune import batches as B
 from ssam_tune import data as D
 
 # torchvision 0.29 deprecates its image codecs (used here to write test images).
@@ -93,7 +94,7 @@ def test_val_fraction_zero_gives_empty_val() -> None:
     data = D.load_dataset("embedded", val_fraction=0.0)
     assert len(data.train) == 5000 and len(data.val) == 0
     assert data.val.images.shape == (0, 3, 32, 32)
-    assert list(D.iterate_batches(data.val, 64)) == []
+    assert list(B.iterate_batches(data.val, 64)) == []
     with pytest.raises(ValueError):
         D.load_dataset("embedded", val_fraction=1.0)
 
@@ -104,7 +105,7 @@ def test_crop_and_flip_are_windows_of_the_padded_image() -> None:
     n = 2000
     images = coordinate_images(n)
     gen = torch.Generator().manual_seed(0)
-    out = D.augment_batch(images, gen, cutout=0, normalize=False)
+    out = B.augment_batch(images, gen, cutout=0, normalize=False)
     assert out.dtype == torch.float32 and out.shape == images.shape
     raw = torch.round(out * 255).to(torch.uint8)
     padded = torch.nn.functional.pad(images[0], (4, 4, 4, 4))
@@ -128,7 +129,7 @@ def test_cutout_zeroes_a_clipped_16px_square() -> None:
     n = 3000
     images = torch.full((n, 3, 32, 32), 255, dtype=torch.uint8)
     gen = torch.Generator().manual_seed(1)
-    out = D.augment_batch(images, gen, padding=0, flip=False, cutout=16, normalize=False)
+    out = B.augment_batch(images, gen, padding=0, flip=False, cutout=16, normalize=False)
     zero = out == 0
     assert (zero.all(1) == zero.any(1)).all()  # same square in every channel
     mask = zero[:, 0]
@@ -151,7 +152,7 @@ def test_cutout_zeroes_a_clipped_16px_square() -> None:
 def test_normalised_output_and_cutout_zero_after_normalisation() -> None:
     images = torch.full((500, 3, 32, 32), 255, dtype=torch.uint8)
     gen = torch.Generator().manual_seed(2)
-    out = D.augment_batch(images, gen, padding=0, flip=False)
+    out = B.augment_batch(images, gen, padding=0, flip=False)
     expected = (1 - torch.tensor(D.CIFAR10_MEAN)) / torch.tensor(D.CIFAR10_STD)
     zero = out == 0
     assert zero.flatten(1).sum(1).min() >= 3 * 64
@@ -161,7 +162,7 @@ def test_normalised_output_and_cutout_zero_after_normalisation() -> None:
         assert torch.allclose(per_channel[ch][kept[ch]], expected[ch].expand(
             int(kept[ch].sum())), atol=1e-5)
     # Evaluation path: only normalisation.
-    ev = D.normalize_batch(images[:4], D.CIFAR10_MEAN, D.CIFAR10_STD, channels_last=True)
+    ev = B.normalize_batch(images[:4], D.CIFAR10_MEAN, D.CIFAR10_STD, channels_last=True)
     assert ev.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(ev[:, :, 5, 5], expected.expand(4, 3), atol=1e-5)
 
@@ -170,12 +171,12 @@ def test_augmentation_deterministic_under_generator_state(embedded: D.Data) -> N
     x = embedded.train.images[:256]
     gen = torch.Generator().manual_seed(7)
     state = gen.get_state()
-    a = D.augment_batch(x, gen)
-    b = D.augment_batch(x, gen)
+    a = B.augment_batch(x, gen)
+    b = B.augment_batch(x, gen)
     gen.set_state(state)
-    assert torch.equal(D.augment_batch(x, gen), a)
+    assert torch.equal(B.augment_batch(x, gen), a)
     assert not torch.equal(a, b)
-    half = D.augment_batch(x, torch.Generator().manual_seed(7), dtype=torch.float16,
+    half = B.augment_batch(x, torch.Generator().manual_seed(7), dtype=torch.float16,
                            channels_last=True)
     assert half.dtype == torch.float16
     assert half.is_contiguous(memory_format=torch.channels_last)
@@ -184,7 +185,7 @@ def test_augmentation_deterministic_under_generator_state(embedded: D.Data) -> N
 
 def test_iterate_batches_epoch_order_and_reproducibility(embedded: D.Data) -> None:
     split = embedded.val
-    batches = D.iterate_batches(split, 128, shuffle=True,
+    batches = B.iterate_batches(split, 128, shuffle=True,
                                 generator=torch.Generator().manual_seed(0), augment=True)
     assert len(batches) == 4
     first = list(batches)
@@ -193,31 +194,31 @@ def test_iterate_batches_epoch_order_and_reproducibility(embedded: D.Data) -> No
     # An epoch is a permutation of the split.
     ys = torch.cat([y for _, y in first])
     assert torch.equal(ys.sort().values, split.labels.sort().values)
-    replay = list(D.iterate_batches(split, 128, shuffle=True,
+    replay = list(B.iterate_batches(split, 128, shuffle=True,
                                     generator=torch.Generator().manual_seed(0), augment=True))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
                for a, b in zip(first, replay, strict=True))
     assert not torch.equal(torch.cat([y for _, y in batches]), ys)  # next epoch reshuffles
-    dropped = D.iterate_batches(split, 128, drop_last=True)
+    dropped = B.iterate_batches(split, 128, drop_last=True)
     assert len(dropped) == 3 and len(list(dropped)) == 3
     # Evaluation batches in order are just the normalised images.
-    x, y = next(iter(D.iterate_batches(split, 10)))
+    x, y = next(iter(B.iterate_batches(split, 10)))
     assert torch.equal(y, split.labels[:10])
-    assert torch.allclose(x, D.normalize_batch(split.images[:10], split.mean, split.std))
+    assert torch.allclose(x, B.normalize_batch(split.images[:10], split.mean, split.std))
     with pytest.raises(ValueError):
-        D.iterate_batches(split, 10, shuffle=True)  # no generator
+        B.iterate_batches(split, 10, shuffle=True)  # no generator
 
 
 def test_sample_for_fisher(embedded: D.Data) -> None:
-    x, y = D.sample_for_fisher(embedded.train, 64, torch.Generator().manual_seed(5))
-    x2, y2 = D.sample_for_fisher(embedded.train, 64, torch.Generator().manual_seed(5))
+    x, y = B.sample_for_fisher(embedded.train, 64, torch.Generator().manual_seed(5))
+    x2, y2 = B.sample_for_fisher(embedded.train, 64, torch.Generator().manual_seed(5))
     assert x.shape == (64, 3, 32, 32) and y.shape == (64,)
     assert torch.equal(x, x2) and torch.equal(y, y2)
     perm = torch.randperm(len(embedded.train), generator=torch.Generator().manual_seed(5))
-    expected = D.normalize_batch(embedded.train.images[perm[:64]], D.CIFAR10_MEAN,
+    expected = B.normalize_batch(embedded.train.images[perm[:64]], D.CIFAR10_MEAN,
                                  D.CIFAR10_STD)
     assert torch.equal(x, expected)  # un-augmented
-    x_all, _ = D.sample_for_fisher(embedded.val, 10_000, torch.Generator().manual_seed(0))
+    x_all, _ = B.sample_for_fisher(embedded.val, 10_000, torch.Generator().manual_seed(0))
     assert len(x_all) == len(embedded.val)
 
 
@@ -284,7 +285,7 @@ def test_imagefolder_small_images_in_memory(tmp_path) -> None:
     assert data.test.labels.tolist() == [0, 0, 1, 1]
     assert torch.equal(data.test.images[1], pixels[("val", "cat", 1)])  # PNG: exact pixels
     assert len(data.mean) == 3 and all(0.2 < m < 0.8 for m in data.mean)
-    x, _ = next(iter(D.iterate_batches(data.train, 4, shuffle=True, augment=True,
+    x, _ = next(iter(B.iterate_batches(data.train, 4, shuffle=True, augment=True,
                                        generator=torch.Generator().manual_seed(0),
                                        cutout=4)))
     assert x.shape == (4, 3, 8, 8)

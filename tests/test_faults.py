@@ -156,14 +156,16 @@ def test_read_rejects_unsafe_and_incomplete_files(tmp_path):
 def test_searcher_tells_diverged_as_complete_zero_and_errored_as_fail(tmp_path):
     import optuna
 
+    from ssam_tune.experiment import Experiment
     from ssam_tune.search import SsamSearcher
 
     space_dict = _space("tell", search={"method.name": {"type": "choice", "values": ["sam", "ssam_f"]},
                                         "method.rho": {"type": "loguniform", "low": 0.02, "high": 0.5}},
                         tune={"num_samples": 3, "baselines": False, "objective": "multi"})
     space = _load_space(_write(tmp_path, space_dict))
-    journal = str(tmp_path / "optuna.journal")
-    s = SsamSearcher(space, journal, str(tmp_path))
+    exp = Experiment(str(tmp_path))
+    journal = exp.journal_path()
+    s = SsamSearcher(space, exp)
     ids = ["t1", "t2", "t3"]
     for tid in ids:
         assert s.suggest(tid)["ssam_tune"]["kind"] == "search"

@@ -358,3 +358,20 @@ def test_freeze_bn_stats_keeps_running_statistics():
     assert bn.track_running_stats
     model(x)  # outside the block the statistics move again
     assert not torch.equal(bn.running_mean, state["running_mean"])
+
+
+def test_scores_land_on_their_parameters_whatever_the_group_order():
+    """Fisher scores come in model.parameters() order; param_groups may be in another order.
+    With equal shapes a positional match would silently put scores on the wrong tensors."""
+    a = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    b = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    opt = SSAM([{"params": [b]}, {"params": [a]}], torch.optim.SGD, rho=0.1, sparsity=0.5, lr=0.1)
+    score_a = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    score_b = torch.zeros(4, dtype=torch.float64)
+    opt.set_masks_from_scores([score_a, score_b], [a, b])  # model order: a, then b
+    masks = dict(zip(opt.params(), opt.masks(), strict=True))
+    assert masks[a].tolist() == [True] * 4 and masks[b].tolist() == [False] * 4
+    with pytest.raises(ValueError, match="exactly once"):
+        opt.set_masks_from_scores([score_a, score_b], [a, a])
+    with pytest.raises(ValueError, match="same length"):
+        opt.set_masks_from_scores([score_a], [a, b])

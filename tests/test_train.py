@@ -196,3 +196,29 @@ def test_cli_rejects_bad_config_and_missing_data(tmp_path):
     r = _cli("cifar.yaml", cwd=tmp_path)
     assert r.returncode == 2 and str(tmp_path / "nodata") in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_test_acc_at_best_is_the_best_epochs_test_accuracy(embedded):
+    """With the test set only at the final epoch (test_every 0), an epoch with a new best
+    validation accuracy still evaluates it, so test_acc_at_best is never NaN. The accuracies
+    are scripted (a real run's best epoch depends on the CPU): val 0.5, 0.7, 0.6 -> best epoch 2."""
+    trainer = Trainer(config_from_dict(tiny("sgd", train={"epochs": 3, "test_every": 0})), data=embedded)
+    val = iter([(1.0, 0.5), (1.0, 0.7), (1.0, 0.6)])
+
+    def scripted(split):  # the test accuracy names the epoch it was taken at
+        return next(val) if split is trainer.val_split else (2.0, trainer.epoch / 10)
+
+    trainer.evaluate = scripted
+    metrics = list(trainer.epochs())
+    assert [m["test_acc"] for m in metrics][:2] == [0.1, 0.2]  # new bests: evaluated
+    assert math.isnan(metrics[2]["test_acc"]) is False and metrics[2]["test_acc"] == 0.3  # final epoch
+    assert metrics[-1]["best_epoch"] == 2 and metrics[-1]["test_acc_at_best"] == 0.2
+
+
+def test_test_set_is_skipped_between_test_epochs_without_a_new_best(embedded):
+    trainer = Trainer(config_from_dict(tiny("sgd", train={"epochs": 3, "test_every": 0})), data=embedded)
+    val = iter([(1.0, 0.7), (1.0, 0.6), (1.0, 0.5)])
+    trainer.evaluate = lambda split: next(val) if split is trainer.val_split else (2.0, trainer.epoch / 10)
+    metrics = list(trainer.epochs())
+    assert math.isnan(metrics[1]["test_acc"])  # no new best, not a test epoch: skipped
+    assert metrics[-1]["test_acc_at_best"] == 0.1 and metrics[-1]["test_acc"] == 0.3
