@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 FAST = HERE / "spaces" / "fast.yaml"  # the test-only search space: epochs of about a second
 WAIT = 600  # seconds: upper bound of any wait on a (possibly busy) machine

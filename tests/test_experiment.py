@@ -2,11 +2,10 @@
 no other module testing for ``"://"``."""
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _helpers import REPO, run_module
 
 from ssam_tune import experiment as X
 from ssam_tune.experiment import Experiment, atomic_write, is_uri, resolve_storage
@@ -97,9 +96,8 @@ def test_no_other_module_tests_for_a_scheme():
 
 
 def test_unreachable_storage_is_one_line_exit_2(tmp_path):
-    space = Path(__file__).parents[1] / "search_spaces" / "quickstart.yaml"
-    r = subprocess.run([sys.executable, "-m", "ssam_tune.run", str(space), "--storage", "nosuchscheme://b/p"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    space = REPO / "search_spaces" / "quickstart.yaml"
+    r = run_module("ssam_tune.run", str(space), "--storage", "nosuchscheme://b/p", cwd=tmp_path, timeout=120)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--storage: cannot reach nosuchscheme://b/p/quickstart" in lines[0], r.stderr

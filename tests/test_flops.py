@@ -189,7 +189,7 @@ def test_measured_and_paper_columns_are_both_stated():
     """Table 1's FLOPs column is the cost formula at an ASSUMED B / (F + B) = 0.7; the measured
     CIFAR ResNet-18 (0.666) gives 1.667 / 1.400 / 1.340 at 50 / 90 / 99%, which is what the
     suite reports. flops.py and the README must say so, not that the formula reproduces it."""
-    from pathlib import Path
+    from _helpers import REPO
 
     F, B = forward_backward_flops(build_model("resnet18", 10), (3, 32, 32))
     measured = [step_cost("ssam_f", sparsity=s, F=F, B=B) for s in (0.5, 0.9, 0.99)]
@@ -197,7 +197,7 @@ def test_measured_and_paper_columns_are_both_stated():
     share = flops.PAPER_BACKWARD_SHARE
     paper = [step_cost("ssam_f", sparsity=s, F=1 - share, B=share) for s in (0.5, 0.9, 0.99)]
     assert paper == pytest.approx([1.65, 1.36, 1.30], abs=0.01 + 1e-9)  # Table 1 (two decimals)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     for text in (readme, flops.__doc__):
         assert "1.667x / 1.400x / 1.340x" in text and "0.7" in text
         assert "reproduces its FLOPs column" not in text

@@ -1,9 +1,9 @@
 """The README's example code runs, and the files its commands name exist."""
 
 import re
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _helpers import REPO
+
 README = (REPO / "README.md").read_text()
 
 

@@ -154,14 +154,18 @@ def test_sigkill_driver_then_resume(moment, tmp_path):
     try:
         assert wait_for(when, 600), f"search never reached the kill point {moment}"
         before_rungs = rung_records()
-        before_ckpt = {d.name: load_checkpoint(d / "checkpoint.pt")["epoch"]
-                       for d in exp.glob("checkpoints/*") if (d / "checkpoint.pt").exists()} \
-            if moment != "export" else {}
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray, no clean-up
         driver.wait()
     finally:
         kill_group(driver)
         reap_session(driver.pid)  # no worker of the killed run is left to write
+    # Read after the kill, when nothing writes any more: a checkpoint (or a result line) read
+    # before it could be overtaken by one more epoch of the run being killed.
+    before_ckpt = {d.name: load_checkpoint(d / "checkpoint.pt")["epoch"]
+                   for d in exp.glob("checkpoints/*") if (d / "checkpoint.pt").exists()} \
+        if moment != "export" else {}
+    before_lines = {d.name.removeprefix("trial_"): len((d / "result.json").read_text().splitlines())
+                    for d in exp.glob("trial_*") if (d / "result.json").exists()}
     r = _run_cli([*args, "--resume"], cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # ASHA's rung records from before the kill are still there
@@ -177,7 +181,7 @@ def test_sigkill_driver_then_resume(moment, tmp_path):
         if trial_id in before_ckpt:
             # every epoch reported after the kill came from a run resumed at its checkpoint
             lines = [json.loads(x) for x in (exp / f"trial_{trial_id}" / "result.json").read_text().splitlines()]
-            later = [x for x in lines if x["epoch"] > before_ckpt[trial_id]]
+            later = [x for x in lines[before_lines.get(trial_id, 0):] if x["epoch"] > before_ckpt[trial_id]]
             assert all(x.get("resumed_from", 0) >= before_ckpt[trial_id] for x in later), (trial_id, later)
     study = open_study(str(exp / "optuna.journal"), "fast", "multi")
     assert all(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in study.trials)  # none left running
