@@ -42,6 +42,7 @@ def test_yaml_file_with_overrides(tmp_path):
     ({"train": [1, 2]}, "train.", "must be a mapping"),
     ({"data": {"name": "imagefolder"}}, "data.root", "is required"),
     ({"model": {"depth": 27}}, "model.depth", "6n + 4"),
+    ({"train": {"inject_nan_at_step": -1}}, "train.inject_nan_at_step", "must be >= 0, got -1"),
 ])
 def test_errors_name_path_and_rule(data, path, rule):
     with pytest.raises(ConfigError) as info:
