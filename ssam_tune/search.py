@@ -198,15 +198,16 @@ class AnchoredASHA(ASHAScheduler):
         return action
 
     def _write_rungs(self) -> None:
-        if self.exp is None or not self.exp.is_local or not self.exp.path.is_dir():
+        exp = getattr(self, "exp", None)  # a scheduler pickled by an older version has none
+        if exp is None or not exp.is_local or not exp.path.is_dir():
             return
         state = self.rung_state()
         readable = {"num_stopped": state["num_stopped"],
                     "rungs": [{str(m): rec for m, rec in bracket} for bracket in state["rungs"]]}
         try:
-            self.exp.write_text(RUNGS_FILE, json.dumps(readable, indent=1, sort_keys=True))
+            exp.write_text(RUNGS_FILE, json.dumps(readable, indent=1, sort_keys=True))
         except OSError as err:  # a read-only or vanished folder must not stop the search
-            log.warning("could not write %s: %s", self.exp.join(RUNGS_FILE), err)
+            log.warning("could not write %s: %s", exp.join(RUNGS_FILE), err)
 
     def rung_state(self) -> dict:
         return _private.asha_rungs(self)

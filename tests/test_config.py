@@ -43,6 +43,8 @@ def test_yaml_file_with_overrides(tmp_path):
     ({"data": {"name": "imagefolder"}}, "data.root", "is required"),
     ({"model": {"depth": 27}}, "model.depth", "6n + 4"),
     ({"train": {"inject_nan_at_step": -1}}, "train.inject_nan_at_step", "must be >= 0, got -1"),
+    ({"method": {"rho": float("nan")}}, "method.rho", "must be a finite number, got nan"),
+    ({"train": {"lr": float("inf")}}, "train.lr", "must be a finite number"),
 ])
 def test_errors_name_path_and_rule(data, path, rule):
     with pytest.raises(ConfigError) as info:
