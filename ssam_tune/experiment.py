@@ -82,7 +82,7 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[IO[bytes
 
 def clear_partial_writes(folder: Path) -> None:
     """Remove the temporary files of writes cut short by a crash (see :func:`atomic_write`)."""
-    for stale in folder.glob(".*.tmp"):
+    for stale in folder.glob(".*.tmp*"):  # also .<name>.tmp<pid>, the older naming
         stale.unlink(missing_ok=True)
 
 
@@ -204,7 +204,9 @@ class Experiment:
         if self.is_local:
             return str(self.path / JOURNAL_FILE)
         digest = hashlib.sha256(self.root.encode()).hexdigest()[:16]
-        return str(JOURNAL_CACHE.expanduser() / f"{self.name}-{digest}.journal")
+        path = JOURNAL_CACHE.expanduser() / f"{self.name}-{digest}.journal"
+        legacy = JOURNAL_CACHE.expanduser() / f"{self.name}.journal"  # written before the URI key
+        return str(legacy if legacy.is_file() and not path.is_file() else path)
 
     def checkpoint_dir(self, trial_id: str) -> Path | None:
         """The trial's own checkpoint folder (local storage only; with a URI only Ray's

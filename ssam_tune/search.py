@@ -198,7 +198,9 @@ class AnchoredASHA(ASHAScheduler):
         return action
 
     def _write_rungs(self) -> None:
-        exp = getattr(self, "exp", None)  # a scheduler pickled by an older version has none
+        exp = getattr(self, "exp", None)
+        if exp is None and getattr(self, "exp_dir", None):  # pickled by an older version
+            exp = Experiment(self.exp_dir)
         if exp is None or not exp.is_local or not exp.path.is_dir():
             return
         state = self.rung_state()

@@ -15,7 +15,7 @@ import math
 import sys
 from pathlib import Path
 
-from ssam_tune.config import ConfigError, config_to_dict, load_config
+from ssam_tune.config import ConfigError, config_from_dict, config_to_dict, load_config
 from ssam_tune.data import DataError
 from ssam_tune.experiment import atomic_write
 from ssam_tune.train import Trainer, load_checkpoint, save_checkpoint
@@ -28,6 +28,13 @@ def _write_json(path: Path, data) -> None:
 
 
 # -- CLI ----------------------------------------------------------------------------------------------
+def _normalised(stored) -> dict | None:
+    try:
+        return config_to_dict(config_from_dict(stored))
+    except ConfigError:
+        return None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ssam_tune.train", description="Train one configuration.")
     p.add_argument("config", help="training config YAML (every key optional; see README)")
@@ -49,7 +56,8 @@ def run_cli(argv: list[str] | None = None) -> int:
         state = None
         if args.resume and ckpt_path.exists():
             state = load_checkpoint(ckpt_path)
-            if state.get("config") != config_to_dict(cfg):
+            # normalised through the schema: a key added since the checkpoint takes its default
+            if _normalised(state.get("config")) != config_to_dict(cfg):
                 raise ConfigError("--resume", f"{ckpt_path} was written for a different config; "
                                   "use the same config and --set values, or another --out")
         trainer = Trainer(cfg, log=print)
