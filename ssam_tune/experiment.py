@@ -124,10 +124,6 @@ class Experiment:
         return self.root.rstrip("/").rsplit("/", 1)[-1]
 
     @property
-    def storage(self) -> str:
-        return self.root.rstrip("/").rsplit("/", 1)[0]
-
-    @property
     def is_local(self) -> bool:
         return not is_uri(self.root)
 

@@ -239,11 +239,6 @@ class FlopsModel:
         f, b = forward_backward_flops(model, input_shape, **kw)
         return cls(F=f, B=b, batch_size=batch_size)
 
-    @property
-    def sgd_step(self) -> float:
-        """FLOPs of one SGD step: ``batch_size * (F + B)``."""
-        return self.batch_size * (self.F + self.B)
-
     def step_cost(self, method: str, sparsity: float = 0.0, kind: str = "theoretical") -> float:
         """:func:`step_cost` with this model's ``F`` and ``B``."""
         return step_cost(method, sparsity=sparsity, F=self.F, B=self.B, kind=kind)

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from ssam_tune.config import ConfigError
-from ssam_tune.experiment import RESULTS, SPACE_FILE, Experiment, resolve_storage
+from ssam_tune.experiment import RESULTS, SPACE_FILE, TRIAL_PREFIX, Experiment, resolve_storage
 from ssam_tune.space import NAME_RE, SearchSpace, load_space, smoke, space_to_dict
 
 __all__ = ["main", "run_search", "space_to_dict"]
@@ -31,7 +31,7 @@ def _trial_name(trial) -> str:
 
 
 def _trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"
+    return f"{TRIAL_PREFIX}{trial.trial_id}"
 
 
 def describe(space: SearchSpace) -> str:

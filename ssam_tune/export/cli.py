@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ssam_tune.experiment import SPACE_FILE, Experiment, is_uri
+from ssam_tune.experiment import RESULTS, SPACE_FILE, Experiment, is_uri
 from ssam_tune.export.build import export_experiment
 from ssam_tune.export.confirm import export_confirmation
 from ssam_tune.export.read import load_space_file
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         # A URI is checked by export_confirmation, once its files are listed.
         if args.confirm is not None and not is_uri(args.confirm) and not Path(args.confirm).is_dir():
             raise FileNotFoundError(f"confirmation experiment folder not found: {args.confirm}")
-        out = Path(args.out) if args.out else Path("results") / name
+        out = Path(args.out) if args.out else RESULTS / name
         info = export_experiment(exp, out)
         if args.confirm is not None:
             export_confirmation(args.confirm, out)

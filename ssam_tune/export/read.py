@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ssam_tune.experiment import CHECKPOINTS_DIR, JOURNAL_FILE, SPACE_FILE, Experiment
+from ssam_tune.experiment import CHECKPOINTS_DIR, JOURNAL_FILE, SPACE_FILE, STATE_PREFIX, TRIAL_PREFIX, Experiment
 
 STATUSES = ("completed", "pruned", "diverged", "errored", "pending")
 BASELINE_ORDER = ("sgd", "sam", "ssam")
@@ -151,7 +151,7 @@ def _known_trial_ids(exp: Path) -> set[str] | None:
 
     A driver killed between starting a trial and Ray's next state save leaves a trial folder
     that the resumed experiment never knew; such orphans are not part of the experiment."""
-    states = sorted(exp.glob("experiment_state-*.json"))
+    states = sorted(exp.glob(f"{STATE_PREFIX}*.json"))
     if not states:
         return None
     try:
@@ -171,8 +171,9 @@ def _trial_dirs(exp: Path) -> list[Path]:
     known = _known_trial_ids(exp)
     out = []
     for p in sorted(exp.iterdir()):
-        if p.is_dir() and p.name != CHECKPOINTS_DIR and (p.name.startswith("trial_") or (p / "params.json").is_file()):
-            if known is not None and p.name.removeprefix("trial_") not in known:
+        is_trial = p.name.startswith(TRIAL_PREFIX) or (p / "params.json").is_file()
+        if p.is_dir() and p.name != CHECKPOINTS_DIR and is_trial:
+            if known is not None and p.name.removeprefix(TRIAL_PREFIX) not in known:
                 tid = read_json(p / "params.json").get("ssam_tune", {}).get("trial_id")
                 if tid not in known:
                     continue
@@ -197,7 +198,7 @@ def _read_trial(path: Path) -> dict:
     status = _trial_status(rows, epochs, error_text is not None)
     series = _per_epoch(rows)
     last = rows[-1] if rows else {}
-    trial_id = meta.get("trial_id") or last.get("trial_id") or path.name.removeprefix("trial_")
+    trial_id = meta.get("trial_id") or last.get("trial_id") or path.name.removeprefix(TRIAL_PREFIX)
     row: dict[str, Any] = {
         "trial_id": str(trial_id),
         "label": meta.get("label") or last.get("label") or "",

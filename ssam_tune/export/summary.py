@@ -10,6 +10,7 @@ import platform
 import subprocess
 from pathlib import Path
 
+from ssam_tune.experiment import STATE_PREFIX
 from ssam_tune.export.front import hp_values
 from ssam_tune.export.read import STATUSES
 from ssam_tune.export.write import cost_words, fmt_pct, fmt_sci, md_table
@@ -65,10 +66,10 @@ def _hardware() -> str:
 
 
 def _experiment_started(exp: Path) -> str | None:
-    names = sorted(p.name for p in exp.glob("experiment_state-*.json"))
+    names = sorted(p.name for p in exp.glob(f"{STATE_PREFIX}*.json"))
     if not names:
         return None
-    return names[0].removeprefix("experiment_state-").removesuffix(".json")
+    return names[0].removeprefix(STATE_PREFIX).removesuffix(".json")
 
 
 def _settings_lines(space) -> list[str]:
