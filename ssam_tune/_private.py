@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["asha_load_rungs", "asha_rungs", "optuna_set_intermediate", "optuna_set_user_attr",
-           "optuna_trial_finished"]
+           "optuna_trial"]
 
 
 # -- Optuna: a trial addressed by number after its Trial object is gone (driver restart) ------
@@ -29,9 +29,10 @@ def optuna_set_intermediate(study, number: int, step: int, value: float) -> None
     study._storage.set_trial_intermediate_value(_trial_id(study, number), step, value)
 
 
-def optuna_trial_finished(study, number: int) -> bool:
-    """Whether trial ``number`` is already COMPLETE, PRUNED or FAIL."""
-    return study._storage.get_trial(_trial_id(study, number)).state.is_finished()
+def optuna_trial(study, number: int):
+    """The FrozenTrial ``number`` of ``study``, read from storage (``study.trials[number]``
+    without copying every trial of a large study)."""
+    return study._storage.get_trial(_trial_id(study, number))
 
 
 # -- Ray Tune: ASHA's rung records (Tuner.restore rebuilds the scheduler from tuner.pkl) ------

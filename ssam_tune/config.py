@@ -129,9 +129,14 @@ BASELINES = ("sgd", "sam", "ssam")
 COST_METRICS = {"theoretical": "flops_theoretical", "executed": "flops_executed", "wall": "train_seconds"}
 
 
+# auto: mo_asha under objective multi (non-dominated ranking keeps the cheap end of the
+# front), asha (Ray's, on validation accuracy) under objective single.
+SCHEDULERS = ("auto", "mo_asha", "asha", "none")
+
+
 @dataclass
 class SchedulerConfig:
-    type: str = _f("asha", choices=("asha", "none"))
+    type: str = _f("auto", choices=SCHEDULERS)
     grace_period: int | None = _f(None, lo=1)  # default: a quarter of train.epochs
     reduction_factor: float = _f(3.0, lo=1.0, lo_open=True)
 
@@ -154,7 +159,8 @@ class TuneConfig:
     objective: str = _f("multi", choices=OBJECTIVES)
     flops: str = _f("theoretical", choices=tuple(COST_METRICS))
     sampler: str = _f("tpe", choices=SAMPLERS)
-    n_startup_trials: int = _f(10, lo=0)
+    n_startup_trials: int = _f(10, lo=0, help="tpe only")
+    population_size: int | None = _f(None, lo=2, help="nsga2 only; default from num_samples")
     seed: int = _f(0, lo=0)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     baselines: list = _f(list(BASELINES))

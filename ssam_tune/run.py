@@ -50,15 +50,13 @@ def describe(space: SearchSpace) -> str:
                  f"{space.epochs} epochs each at most")
     objective = "validation accuracy (max)" if t.objective == "single" else \
         f"validation accuracy (max) and {t.flops} FLOPs ({t.flops_metric}, min)"
-    lines.append(f"objective: {objective}; sampler {t.sampler} (seed {t.seed}, {t.n_startup_trials} start-up trials)")
-    if t.scheduler == "asha":
-        rungs, r = [], t.grace_period
-        while r < space.epochs:
-            rungs.append(r)
-            r = int(round(r * t.reduction_factor))
-        lines.append(f"scheduler: ASHA on val_acc, rungs at epochs {rungs}, reduction factor {t.reduction_factor}")
-    else:
-        lines.append("scheduler: none (every trial runs all epochs)")
+    lines.append(f"objective: {objective}")
+    lines.append(f"sampler: {t.describe_sampler(space.epochs)}")
+    if t.sampler == "nsga2" and t.generations(space.epochs) < 2:
+        lines.append(f"warning: the budget fills {t.generations(space.epochs)} NSGA-II generation(s) of "
+                     f"{t.population_size}; below 2 it is random search. Raise num_samples or lower "
+                     "tune.population_size.")
+    lines.append(f"scheduler: {t.describe_scheduler(space.epochs)}")
     lines.append(f"resources per trial: {t.cpu} CPU, {t.gpu} GPU; max concurrent: {t.max_concurrent_trials or 'auto'}")
     if t.confirm_top_k:
         lines.append(f"confirmation: top {t.confirm_top_k} front points x seeds {t.confirm_seeds}")
@@ -136,11 +134,11 @@ def confirmation_space(space: SearchSpace, runs: list[tuple[str, dict]]) -> Sear
 
 
 def run_search(space: SearchSpace, *, storage: str, resume: bool, address: str | None = None,
-               results: str = str(RESULTS), trainable=None) -> Path:
+               results: str = str(RESULTS), trainable=None, stop=None) -> Path:
     """Run (or resume) the experiment, write the exports, then run the confirmation step
     (``tune.confirm``) if asked; returns the export folder."""
     out = _run_experiment(space, storage=storage, resume=resume, address=address, results=results,
-                          trainable=trainable)
+                          trainable=trainable, stop=stop)
     t = space.tune
     if t.confirm_top_k:
         from ssam_tune.export import confirm_cases, export_confirmation
@@ -159,15 +157,17 @@ def run_search(space: SearchSpace, *, storage: str, resume: bool, address: str |
 
 
 def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: str | None,
-                    results: str, trainable=None) -> Path:
+                    results: str, trainable=None, stop=None) -> Path:
     """Run (or resume) one Ray Tune experiment, then write its exports.
 
     ``trainable`` replaces the training function (load tests drive the machinery with a
-    trivial one); it receives the same config and must report the same metrics."""
+    trivial one); it receives the same config and must report the same metrics. ``stop`` is
+    Ray's ``RunConfig(stop=...)`` (benchmarks cap the epochs a search may spend)."""
     from ray import tune
 
     from ssam_tune.export import export_experiment
-    from ssam_tune.search import AnchoredASHA, RungStateCallback, SsamSearcher
+    from ssam_tune.schedulers import RungStateCallback, make_scheduler
+    from ssam_tune.search import SsamSearcher
     from ssam_tune.trainable import train_trial
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
@@ -186,11 +186,7 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
         if resume:
             tuner = tune.Tuner.restore(exp.root, trainable, resume_unfinished=True, resume_errored=True)
         else:
-            scheduler = None
-            if t.scheduler == "asha":
-                scheduler = AnchoredASHA(time_attr="epoch", metric="val_acc", mode="max", max_t=space.epochs,
-                                         grace_period=t.grace_period, reduction_factor=t.reduction_factor,
-                                         exp=exp)
+            scheduler = make_scheduler(space, exp)
             searcher = SsamSearcher(space, exp)
             tuner = tune.Tuner(
                 trainable,
@@ -199,7 +195,7 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
                     max_concurrent_trials=t.max_concurrent_trials, time_budget_s=t.time_budget_s,
                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname, reuse_actors=True),
                 run_config=tune.RunConfig(
-                    name=space.name, storage_path=storage, callbacks=[RungStateCallback(scheduler)],
+                    name=space.name, storage_path=storage, callbacks=[RungStateCallback(scheduler)], stop=stop,
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints),
                     failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=1),
             )
@@ -213,7 +209,7 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
         # asked by a driver killed before Ray recorded it. Mark it failed (orphaned).
         from ssam_tune.study import close_orphans, open_study
 
-        close_orphans(open_study(exp.journal_path(), space.name, space.tune.objective))
+        close_orphans(open_study(exp.journal_path(), space.name, space.tune.objective, space.tune.flops_metric))
     export_experiment(exp.root, out)
     return out
 

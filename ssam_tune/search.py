@@ -1,60 +1,91 @@
-"""The search machinery on Ray Tune: an Optuna-backed searcher that knows pruned from
-complete, an ASHA that never stops the anchor trials, and a callback that keeps ASHA's rung
-records across a restore.
+"""The Optuna-backed searcher of a Ray Tune search: fixed trials first (the baselines, or
+the cases crossed with seeds), then the sampler's, with an Optuna study that tells the truth.
 
-Two Ray Tune 2.60 traps this module exists to avoid (background notes, section 5):
+What Ray's own OptunaSearch gets wrong, and what this searcher does instead (background
+notes, section 5):
 
-- Ray's own OptunaSearch tells Optuna the LAST reported values of a trial that ASHA stopped
-  early as COMPLETE, so the sampler learns from truncated accuracies and
-  ``study.best_trials`` fills with low-fidelity points. :class:`SsamSearcher` tells Optuna
-  PRUNED for those, COMPLETE only at full fidelity, and COMPLETE with accuracy 0 (marked
-  ``status=diverged``) for diverged trials so the sampler learns to avoid them.
-- ``Tuner.restore`` brings back the scheduler from ``tuner.pkl`` (written before the run), so
-  ASHA's rungs are lost. Ray does save callback state with every experiment checkpoint and
-  restores it before re-adding trials: :class:`RungStateCallback` carries the rungs across.
+- Ray tells Optuna the LAST reported values of a trial the scheduler stopped early as
+  COMPLETE, so ``study.best_trials`` fills with low-fidelity points. Here such trials are
+  PRUNED; only full-fidelity trials are COMPLETE.
+- Diverged and errored trials are FAIL (with ``status`` = diverged or errored): a trial that
+  diverged early would otherwise be the cheapest point of the front, which nothing dominates.
+- The baselines (SGD, SAM, SSAM anchors) enter the study with their values when they
+  finish, and the objectives carry names, so ``study.best_trials`` is the completed part of
+  ``pareto.csv`` and optuna-dashboard agrees with ``summary.md``.
+- The sampler is rebuilt on every start of the driver; a resumed driver seeds it from the
+  search seed AND the number of trials already in the study, so it does not replay the
+  proposals of the first run.
+- Ray re-runs an errored trial on ``--resume``; its Optuna trial is already FAIL, so it gets
+  a fresh Optuna trial with the same parameters (``retry_of`` names the old one).
+- Nothing in the searcher's callbacks raises out of Tune: a failure to write the study is
+  logged and the search goes on (the exports are built from Ray's results).
 
-The Optuna study lives in a journal file (see :mod:`ssam_tune.study`) that survives driver
-crashes and can be opened with ``optuna-dashboard``. Private Optuna and Ray attributes are
-reached only through :mod:`ssam_tune._private`.
+The study lives in a journal file (see :mod:`ssam_tune.study`) that survives driver crashes
+and can be opened with ``optuna-dashboard``. Private Optuna attributes are reached only
+through :mod:`ssam_tune._private`.
 """
 
 from __future__ import annotations
 
-import json
+import functools
+import hashlib
 import logging
 import pickle
 
 import optuna
-from ray.tune import Callback
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from ssam_tune import _private
-from ssam_tune.experiment import RUNGS_FILE, Experiment
-from ssam_tune.space import SearchSpace, resolve_config, sample_params
+from ssam_tune.experiment import Experiment
+from ssam_tune.space import SearchSpace, baseline_params, resolve_config, sample_params
 from ssam_tune.study import close_orphans, open_study
 
-__all__ = ["AnchoredASHA", "RungStateCallback", "SsamSearcher", "make_sampler"]
+__all__ = ["META", "SsamSearcher", "make_sampler", "sampler_seed"]
 
 log = logging.getLogger(__name__)
 META = "ssam_tune"  # key of the trial config that carries our bookkeeping
+_KEPT = ("epoch", "val_acc", "status")  # what the searcher keeps of a trial's last result
 
 
-def make_sampler(kind: str, seed: int, n_startup: int):
+def make_sampler(kind: str, seed: int, n_startup: int, population_size: int | None = None):
     if kind == "tpe":
         # constant_liar: parallel trials do not all propose the same point
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, constant_liar=True)
     if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population_size or 50)
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+def sampler_seed(seed: int, n_trials: int) -> int:
+    """The sampler's seed: the search seed for a new study; for a study that already holds
+    ``n_trials`` trials (a resumed driver), a seed derived from both, so the sampler does not
+    replay the proposals it made before the restart."""
+    if n_trials == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{n_trials}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _never_raises(method):
+    """Searcher callbacks run inside Tune's loop: an exception there stops the whole search.
+    The study is a record for the sampler and the dashboard; losing one write is better."""
+    @functools.wraps(method)
+    def wrapper(self, trial_id, *args, **kwargs):
+        try:
+            return method(self, trial_id, *args, **kwargs)
+        except Exception:  # noqa: BLE001 - see above
+            log.exception("Optuna study not updated for Ray trial %s (the search goes on)", trial_id)
+            return None
+    return wrapper
 
 
 class SsamSearcher(Searcher):
     """Fixed trials first (baselines, or the cases crossed with seeds), then Optuna's.
 
     Each suggested config is ``{"ssam_tune": {...bookkeeping...}, "config": {full training
-    config}}``. Optuna sees only the sampled trials; its trial number is stored in the
-    bookkeeping so exports can join the journal with Ray's results.
+    config}}``. Sampled trials are Optuna trials from the start; baselines are added to the
+    study when they finish. The Optuna number is kept in the bookkeeping so exports can join
+    the journal with Ray's results.
     """
 
     def __init__(self, space: SearchSpace, exp: Experiment) -> None:
@@ -65,16 +96,19 @@ class SsamSearcher(Searcher):
         self._fixed = [(label, cfg) for label, cfg in space.fixed_trials()]
         self._issued_fixed = 0
         self._sampled = 0
-        self._trials: dict[str, dict] = {}  # ray trial id -> {"number": int|None, "last": result}
+        self._trials: dict[str, dict] = {}  # ray trial id -> {"number", "config", "last", "done"}
         self._study: optuna.Study | None = None
+        self._checked: set[str] = set()  # trials whose Optuna state this driver has looked at
 
     # -- Optuna ------------------------------------------------------------------------------
     @property
     def study(self) -> optuna.Study:
         if self._study is None:
             t = self.space.tune
-            sampler = make_sampler(t.sampler, t.seed, t.n_startup_trials)
-            self._study = open_study(self.journal_path, self.space.name, t.objective, sampler)
+            study = open_study(self.journal_path, self.space.name, t.objective, t.flops_metric)
+            seed = sampler_seed(t.seed, len(study.get_trials(deepcopy=False)))
+            study.sampler = make_sampler(t.sampler, seed, t.n_startup_trials, t.population_size)
+            self._study = study
         return self._study
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -93,6 +127,7 @@ class SsamSearcher(Searcher):
             trial = self.study.ask()
             params = sample_params(self.space, trial)
             trial.set_user_attr("ray_trial_id", trial_id)
+            trial.set_user_attr("kind", "search")
             cfg = resolve_config(self.space.base, params)
             self._sampled += 1
             meta.update(kind="search", label=f"optuna{trial.number}", anchor=False, optuna_number=trial.number,
@@ -103,62 +138,115 @@ class SsamSearcher(Searcher):
         self._trials[trial_id] = {"number": meta["optuna_number"], "config": config, "last": None, "done": False}
         return config
 
+    @_never_raises
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         info = self._trials.get(trial_id)
         if info is None:
             return
-        info["last"] = {k: result.get(k) for k in ("epoch", "val_acc", "status", self.space.tune.flops_metric)}
-        if info["number"] is not None and self.space.tune.objective == "single" and result.get("val_acc") is not None:
+        info["last"] = self._kept(result)
+        if info["number"] is None:
+            return
+        if trial_id not in self._checked:  # first result since this driver started
+            self._checked.add(trial_id)
+            if self._retried(info):
+                info["done"] = False
+        if self.space.tune.objective == "single" and result.get("val_acc") is not None and \
+                result.get("epoch") is not None:
             # intermediate values show learning curves in optuna-dashboard
             _private.optuna_set_intermediate(self.study, info["number"], int(result["epoch"]),
                                              float(result["val_acc"]))
 
+    @_never_raises
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         info = self._trials.get(trial_id)
-        if info is None or info["done"]:
+        if info is None:
+            return
+        if info["done"]:
             return
         info["done"] = True
-        last = result or info["last"] or {}
         if result:
-            info["last"] = {k: result.get(k) for k in ("epoch", "val_acc", "status", self.space.tune.flops_metric)}
-        number = info["number"]
-        if number is None:
-            return
-        self.tell(number, last, error)
+            info["last"] = self._kept(result)
+        last = info["last"] or {}
+        if info["number"] is not None:
+            self.tell(info["number"], last, error)
+        elif info["config"][META].get("kind") == "baseline" and self.space.mode == "search":
+            self.add_baseline(trial_id, info, last, error)
+
+    def _kept(self, result: dict) -> dict:
+        return {k: result.get(k) for k in (*_KEPT, self.space.tune.flops_metric)}
+
+    def _retried(self, info: dict) -> bool:
+        """Ray re-runs an errored trial on resume, but its Optuna trial was told FAIL: give it
+        a fresh Optuna trial with the same parameters. True if that happened."""
+        study, number = self.study, info["number"]
+        frozen = _private.optuna_trial(study, number)
+        if frozen.state != optuna.trial.TrialState.FAIL or frozen.user_attrs.get("status") != "errored":
+            return False
+        study.enqueue_trial(dict(frozen.params), user_attrs={"retry_of": number}, skip_if_exists=False)
+        trial = study.ask()
+        sample_params(self.space, trial)  # the enqueued values, through the same define-by-run path
+        trial.set_user_attr("ray_trial_id", frozen.user_attrs.get("ray_trial_id"))
+        trial.set_user_attr("kind", "search")
+        info["number"] = trial.number
+        info["config"][META]["optuna_number"] = trial.number
+        log.info("Optuna trial %d (errored) is retried by Ray as Optuna trial %d", number, trial.number)
+        return True
 
     def tell(self, number: int, last: dict, error: bool) -> None:
-        t = self.space.tune
         status = last.get("status")
-        flops = last.get(t.flops_metric)
         epoch = last.get("epoch") or 0
         study = self.study
-        if _private.optuna_trial_finished(study, number):
+        if _private.optuna_trial(study, number).state.is_finished():
             return
 
         def mark(key, value):
             _private.optuna_set_user_attr(study, number, key, value)
 
-        if error:
-            mark("status", "errored")
-            self.study.tell(number, state=optuna.trial.TrialState.FAIL)
-        elif status == "diverged":
-            # accuracy 0 teaches the sampler to stay away; never on a front (status attr)
-            mark("status", "diverged")
-            values = [0.0] if t.objective == "single" else [0.0, float(flops or 0.0)]
-            self.study.tell(number, values)
-        elif status == "completed" and epoch >= self.space.epochs and last.get("val_acc") is not None:
+        values = self._values(last)
+        if error or status == "diverged":
+            # FAIL: never on a front, never in the sampler's model (a diverged trial told
+            # COMPLETE would be the cheapest point, dominated by nothing)
+            mark("status", "errored" if error else "diverged")
+            mark("epochs_reached", int(epoch))
+            study.tell(number, state=optuna.trial.TrialState.FAIL)
+        elif status == "completed" and epoch >= self.space.epochs and values is not None:
             mark("status", "completed")
-            values = [float(last["val_acc"])] if t.objective == "single" else [float(last["val_acc"]), float(flops)]
-            self.study.tell(number, values)
+            study.tell(number, values)
         else:
-            # stopped early (ASHA, time budget): a truncated accuracy is not a final value
+            # stopped early (scheduler, time budget): a truncated accuracy is not a final value
             mark("status", "pruned")
             mark("epochs_reached", int(epoch))
-            self.study.tell(number, state=optuna.trial.TrialState.PRUNED)
+            study.tell(number, state=optuna.trial.TrialState.PRUNED)
+
+    def _values(self, last: dict) -> list[float] | None:
+        acc, cost = last.get("val_acc"), last.get(self.space.tune.flops_metric)
+        if acc is None:
+            return None
+        if self.space.tune.objective == "single":
+            return [float(acc)]
+        return None if cost is None else [float(acc), float(cost)]
+
+    def add_baseline(self, trial_id: str, info: dict, last: dict, error: bool) -> None:
+        """Put a finished anchor into the study (once, also across a resume), COMPLETE with its
+        values at full fidelity, FAIL otherwise. Its settings are in the user attributes: an
+        anchor's method (SGD, say) is usually outside the searched distributions."""
+        study = self.study
+        if any(t.user_attrs.get("ray_trial_id") == trial_id for t in study.get_trials(deepcopy=False)):
+            return
+        label = info["config"][META]["label"]
+        values = self._values(last)
+        complete = not error and last.get("status") == "completed" and (last.get("epoch") or 0) >= \
+            self.space.epochs and values is not None
+        status = "completed" if complete else ("errored" if error else last.get("status") or "errored")
+        attrs = {"ray_trial_id": trial_id, "kind": "baseline", "label": label, "status": status,
+                 "baseline": {k: v for k, v in baseline_params(label, self.space.base).items()}}
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.FAIL,
+            values=values if complete else None, user_attrs=attrs))
 
     # -- persistence ------------------------------------------------------------------------
     def save(self, checkpoint_path: str) -> None:
-        state = {k: v for k, v in self.__dict__.items() if k != "_study"}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_study", "_checked")}
         with open(checkpoint_path, "wb") as fh:
             pickle.dump(state, fh)
 
@@ -166,7 +254,7 @@ class SsamSearcher(Searcher):
         with open(checkpoint_path, "rb") as fh:
             state = pickle.load(fh)  # noqa: S301 - Ray's own searcher checkpoint, written by save()
         self.__dict__.update(state)
-        self._study = None
+        self._study, self._checked = None, set()
         self.reconcile()
 
     def reconcile(self) -> int:
@@ -177,57 +265,3 @@ class SsamSearcher(Searcher):
         if closed:
             log.warning("closed %d Optuna trial(s) left running by the previous driver", closed)
         return closed
-
-
-class AnchoredASHA(ASHAScheduler):
-    """ASHA on validation accuracy over epochs, except that anchor trials (the SGD/SAM/SSAM
-    baselines every front needs) always run to full fidelity.
-
-    With ``exp`` it keeps a readable copy of its rungs in the experiment (``asha_rungs.json``).
-    """
-
-    def __init__(self, *args, exp: Experiment | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.exp = exp
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        action = super().on_trial_result(tune_controller, trial, result)
-        self._write_rungs()
-        if action == TrialScheduler.STOP and trial.config.get(META, {}).get("anchor"):
-            return TrialScheduler.CONTINUE
-        return action
-
-    def _write_rungs(self) -> None:
-        exp = getattr(self, "exp", None)
-        if exp is None and getattr(self, "exp_dir", None):  # pickled by an older version
-            exp = Experiment(self.exp_dir)
-        if exp is None or not exp.is_local or not exp.path.is_dir():
-            return
-        state = self.rung_state()
-        readable = {"num_stopped": state["num_stopped"],
-                    "rungs": [{str(m): rec for m, rec in bracket} for bracket in state["rungs"]]}
-        try:
-            exp.write_text(RUNGS_FILE, json.dumps(readable, indent=1, sort_keys=True))
-        except OSError as err:  # a read-only or vanished folder must not stop the search
-            log.warning("could not write %s: %s", exp.join(RUNGS_FILE), err)
-
-    def rung_state(self) -> dict:
-        return _private.asha_rungs(self)
-
-    def load_rung_state(self, state: dict) -> None:
-        _private.asha_load_rungs(self, state)
-
-
-class RungStateCallback(Callback):
-    """Saves ASHA's rung records with every experiment checkpoint and puts them back on
-    restore (Ray restores callback state before it re-adds the trials)."""
-
-    def __init__(self, scheduler: AnchoredASHA | None) -> None:
-        self.scheduler = scheduler
-
-    def get_state(self) -> dict | None:
-        return None if self.scheduler is None else self.scheduler.rung_state()
-
-    def set_state(self, state: dict) -> None:
-        if self.scheduler is not None and state:
-            self.scheduler.load_rung_state(state)

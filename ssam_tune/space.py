@@ -20,6 +20,7 @@ from typing import Any
 from ssam_tune.config import (
     BASELINES,
     COST_METRICS,
+    SCHEDULERS,
     Config,
     ConfigError,
     TuneConfig,
@@ -68,9 +69,10 @@ class TuneSettings:
     objective: str
     flops: str
     sampler: str
-    n_startup_trials: int
+    n_startup_trials: int  # tpe only
+    population_size: int | None  # nsga2 only (resolved from the budget when not given)
     seed: int
-    scheduler: str  # asha or none
+    scheduler: str  # mo_asha, asha or none ("auto" resolved)
     baselines: list
     cpu: float
     gpu: float
@@ -87,6 +89,41 @@ class TuneSettings:
     @property
     def flops_metric(self) -> str:
         return COST_METRICS[self.flops]
+
+    def rungs(self, epochs: int) -> list[int]:
+        """The epochs at which the scheduler ranks trials (none without a scheduler)."""
+        return milestones(self.grace_period, self.reduction_factor, epochs) if self.scheduler != "none" else []
+
+    def expected_full_runs(self, epochs: int) -> float:
+        """How many sampled trials reach full fidelity: successive halving keeps about
+        1/reduction_factor of the trials at each rung."""
+        return self.num_samples / self.reduction_factor ** len(self.rungs(epochs))
+
+    def describe_sampler(self, epochs: int) -> str:
+        """The sampler and the settings it uses (only those)."""
+        if self.sampler == "tpe":
+            return f"tpe (seed {self.seed}, {self.n_startup_trials} random start-up trials)"
+        if self.sampler == "nsga2":
+            return (f"nsga2 (seed {self.seed}, population {self.population_size}; about "
+                    f"{self.expected_full_runs(epochs):.0f} full-fidelity trials expected: "
+                    f"{self.generations(epochs)} generation(s))")
+        return f"random (seed {self.seed})"
+
+    def describe_scheduler(self, epochs: int) -> str:
+        rungs = f"rungs at epochs {self.rungs(epochs)}, reduction factor {self.reduction_factor:g}; anchors never " \
+                "stopped"
+        if self.scheduler == "mo_asha":
+            ranked = "val_acc" if self.objective == "single" else \
+                f"val_acc and full-run {self.flops_metric} (non-dominated sorting, then crowding distance)"
+            return f"MO-ASHA on {ranked}, {rungs}"
+        if self.scheduler == "asha":
+            return f"ASHA on val_acc only, {rungs}"
+        return "none (every trial runs all epochs)"
+
+    def generations(self, epochs: int) -> int:
+        """NSGA-II generations the budget fills (a generation closes after population_size
+        COMPLETE trials; pruned and failed ones do not count)."""
+        return int(self.expected_full_runs(epochs) // self.population_size) if self.population_size else 0
 
 
 @dataclass
@@ -121,6 +158,16 @@ class SearchSpace:
 
     def budget(self) -> int:
         return len(self.fixed_trials()) + (self.tune.num_samples if self.mode == "search" else 0)
+
+
+def milestones(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
+    """ASHA's rungs below ``max_t``: grace, grace*rf, grace*rf^2, ... (epochs, rounded)."""
+    out, r = [], float(grace_period)
+    while int(round(r)) < max_t:
+        if not out or int(round(r)) > out[-1]:
+            out.append(int(round(r)))
+        r *= reduction_factor
+    return out
 
 
 def baseline_params(which: str, base: dict) -> dict:
@@ -262,12 +309,13 @@ def _parse_tune(raw: Any, epochs: int) -> TuneSettings:
         raise ConfigError("tune", "must be a mapping")
     raw = dict(raw)
     sched = raw.get("scheduler")
-    if sched in ("none", "asha"):
+    if sched in SCHEDULERS:
         raw["scheduler"] = {"type": sched}
     elif sched is None and "scheduler" in raw:
         raw["scheduler"] = {"type": "none"}
     elif sched is not None and not isinstance(sched, dict):
-        raise ConfigError("tune.scheduler", "must be none or a mapping like {type: asha, grace_period: 50}")
+        raise ConfigError("tune.scheduler", f"must be one of {', '.join(SCHEDULERS)} or a mapping like "
+                          "{type: mo_asha, grace_period: 50}")
     if raw.get("baselines") in (False, None) and "baselines" in raw:
         raw["baselines"] = []
     elif raw.get("baselines") is True:
@@ -276,23 +324,37 @@ def _parse_tune(raw: Any, epochs: int) -> TuneSettings:
         raise ConfigError("tune.confirm", "must be a mapping like {top_k: 3, seeds: [1, 2, 3]}")
     cfg = build_section(TuneConfig, raw, "tune.")
 
+    # settings the chosen sampler would silently ignore are refused
+    ignored = {"n_startup_trials": ("tpe",), "population_size": ("nsga2",)}
+    for key, samplers in ignored.items():
+        if raw.get(key) is not None and cfg.sampler not in samplers:
+            why = ("its first generation (population_size trials) is its start-up" if cfg.sampler == "nsga2"
+                   else "every trial is random")
+            raise ConfigError(f"tune.{key}", f"only applies to sampler {' or '.join(samplers)}; sampler "
+                              f"{cfg.sampler} ignores it ({why}); remove it")
     if any(b not in BASELINES for b in cfg.baselines):
         raise ConfigError("tune.baselines", f"must be a list drawn from {', '.join(BASELINES)} (or false); "
                           f"got {cfg.baselines!r}")
     t = TuneSettings(
         num_samples=cfg.num_samples, objective=cfg.objective, flops=cfg.flops, sampler=cfg.sampler,
-        n_startup_trials=cfg.n_startup_trials, seed=cfg.seed, scheduler=cfg.scheduler.type,
+        n_startup_trials=cfg.n_startup_trials, population_size=cfg.population_size, seed=cfg.seed,
+        scheduler=cfg.scheduler.type,
         baselines=list(dict.fromkeys(cfg.baselines)), cpu=float(cfg.resources.cpu), gpu=float(cfg.resources.gpu),
         max_concurrent_trials=cfg.max_concurrent_trials, time_budget_s=cfg.time_budget_s,
         storage_path=cfg.storage_path, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints)
     if t.storage_path is not None and not t.storage_path:
         raise ConfigError("tune.storage_path", "must be a path or URI string, got ''")
-    if t.scheduler == "asha":
+    if t.scheduler == "auto":
+        t.scheduler = "mo_asha" if t.objective == "multi" else "asha"
+    if t.scheduler != "none":
         grace = cfg.scheduler.grace_period or max(1, math.ceil(epochs / 4))
         if not 1 <= grace <= epochs:
             raise ConfigError("tune.scheduler.grace_period",
                               f"must be between 1 and train.epochs ({epochs}), got {grace}")
         t.grace_period, t.reduction_factor = grace, float(cfg.scheduler.reduction_factor)
+    if t.sampler == "nsga2" and t.population_size is None:
+        # aim at four generations of the full-fidelity trials the budget yields
+        t.population_size = int(max(2, min(50, t.expected_full_runs(epochs) // 4)))
     if cfg.confirm is not None:
         seeds = cfg.confirm.seeds
         if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
@@ -414,9 +476,10 @@ def space_to_dict(space: SearchSpace) -> dict:
     t = space.tune
     out["tune"] = {
         "num_samples": t.num_samples, "objective": t.objective, "flops": t.flops, "sampler": t.sampler,
-        "n_startup_trials": t.n_startup_trials, "seed": t.seed,
-        "scheduler": {"type": "asha", "grace_period": t.grace_period, "reduction_factor": t.reduction_factor}
-        if t.scheduler == "asha" else "none",
+        **({"n_startup_trials": t.n_startup_trials} if t.sampler == "tpe" else {}),
+        **({"population_size": t.population_size} if t.sampler == "nsga2" else {}), "seed": t.seed,
+        "scheduler": {"type": t.scheduler, "grace_period": t.grace_period, "reduction_factor": t.reduction_factor}
+        if t.scheduler != "none" else "none",
         "baselines": list(t.baselines) or False, "resources": {"cpu": t.cpu, "gpu": t.gpu},
         "max_concurrent_trials": t.max_concurrent_trials, "time_budget_s": t.time_budget_s,
         "storage_path": t.storage_path, "max_failures": t.max_failures, "keep_checkpoints": t.keep_checkpoints,

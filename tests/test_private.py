@@ -12,9 +12,9 @@ def test_optuna_trial_access_by_number(tmp_path):
     a, b = study.ask(), study.ask()
     _private.optuna_set_user_attr(study, b.number, "status", "pruned")
     _private.optuna_set_intermediate(study, b.number, 3, 0.5)
-    assert not _private.optuna_trial_finished(study, b.number)
+    assert not _private.optuna_trial(study, b.number).state.is_finished()
     study.tell(b.number, state=optuna.trial.TrialState.PRUNED)
-    assert _private.optuna_trial_finished(study, b.number)
+    assert _private.optuna_trial(study, b.number).state.is_finished()
     again = open_study(str(tmp_path / "j.journal"), "s", "multi")  # what a restarted driver sees
     t = again.trials[b.number]
     assert t.user_attrs == {"status": "pruned"} and t.intermediate_values == {3: 0.5}

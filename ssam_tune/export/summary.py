@@ -90,12 +90,8 @@ def _settings_lines(space) -> list[str]:
     else:
         lines.append(f"- objective: multi (validation accuracy: max; `{t.flops_metric}`: min)")
     lines.append(f"- cost: {t.flops} ({what}; column `{t.flops_metric}`)")
-    lines.append(f"- sampler: {t.sampler} (seed {t.seed}, {t.n_startup_trials} start-up trials)")
-    if t.scheduler == "asha":
-        lines.append(f"- scheduler: ASHA on val_acc over epochs, grace period {t.grace_period}, reduction factor "
-                     f"{t.reduction_factor:g}; anchor trials always run to the end")
-    else:
-        lines.append("- scheduler: none (every trial runs all epochs)")
+    lines.append(f"- sampler: {t.describe_sampler(space.epochs)}")
+    lines.append(f"- scheduler: {t.describe_scheduler(space.epochs)}")
     lines.append(f"- resources per trial: {t.cpu:g} CPU, {t.gpu:g} GPU; max concurrent trials: "
                  f"{t.max_concurrent_trials or 'auto'}; time budget: "
                  f"{f'{t.time_budget_s:g} s' if t.time_budget_s else 'none'}; max failures: {t.max_failures}")

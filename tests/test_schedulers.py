@@ -1,0 +1,168 @@
+"""MO-ASHA's ranking rule and scheduler, without the Ray runtime (plain objects stand in for
+Ray's trials; the scheduler only reads ``trial_id`` and ``config``)."""
+
+import itertools
+import json
+import random
+from types import SimpleNamespace
+
+import pytest
+from ray.tune.schedulers import TrialScheduler
+
+from ssam_tune.experiment import RUNGS_FILE, Experiment
+from ssam_tune.schedulers import MOASHA, RungStateCallback, crowding_distances, nondominated_ranks, promote
+from ssam_tune.space import milestones
+
+
+def trial(tid, anchor=False):
+    return SimpleNamespace(trial_id=tid, config={"ssam_tune": {"anchor": anchor}})
+
+
+def brute_ranks(points):
+    """Front index by repeated peeling: a plain reference for nondominated_ranks."""
+    left, ranks, level = set(range(len(points))), [None] * len(points), 0
+    while left:
+        front = {i for i in left
+                 if not any(all(a >= b for a, b in zip(points[j], points[i], strict=True)) and points[j] != points[i]
+                            for j in left)}
+        for i in front:
+            ranks[i] = level
+        left -= front
+        level += 1
+    return ranks
+
+
+def test_ranks_match_peeling_reference():
+    rng = random.Random(0)
+    for _ in range(200):
+        pts = [(rng.choice([0.1, 0.2, 0.3, 0.4]), rng.choice([-1.0, -2.0, -3.0])) for _ in range(rng.randint(1, 9))]
+        assert nondominated_ranks(pts) == brute_ranks(pts)
+
+
+def test_dominating_newcomer_goes_on():
+    rng = random.Random(1)
+    for _ in range(100):
+        recorded = [(rng.random(), -rng.random() * 1e15) for _ in range(rng.randint(1, 20))]
+        best = (max(p[0] for p in recorded) + 0.01, max(p[1] for p in recorded) + 1.0)
+        assert promote(recorded, best, 3.0)
+
+
+def test_cheap_nondominated_newcomer_survives_where_accuracy_only_stops_it():
+    # three accurate, expensive trials; the newcomer is less accurate but far cheaper
+    recorded = [(0.80, -2.0e15), (0.79, -1.9e15), (0.81, -2.1e15)]
+    cheap = (0.70, -1.05e15)
+    assert promote(recorded, cheap, 2.0)
+    assert not promote([(a,) for a, _ in recorded], (cheap[0],), 2.0)  # accuracy alone: 3 of 4 ahead
+
+
+def test_dominated_newcomer_is_stopped():
+    recorded = [(0.8, -1.0), (0.9, -2.0), (0.7, -0.5)]
+    assert not promote(recorded, (0.6, -3.0), 3.0)
+
+
+@pytest.mark.parametrize("rf", [2.0, 3.0, 4.0, 1.5])
+def test_one_objective_is_at_most_n_over_rf_strictly_better(rf):
+    """1-D with ties: exactly "at most n/rf of the n points strictly better"."""
+    rng = random.Random(int(rf * 10))
+    for _ in range(500):
+        recorded = [(rng.choice([0.1, 0.2, 0.3, 0.5]),) for _ in range(rng.randint(0, 12))]
+        new = (rng.choice([0.1, 0.2, 0.3, 0.5]),)
+        better = sum(p[0] > new[0] for p in recorded)
+        assert promote(recorded, new, rf) == (better <= (len(recorded) + 1) / rf)
+
+
+def test_invariant_to_rescaling_either_objective():
+    rng = random.Random(2)
+    for _ in range(300):
+        recorded = [(rng.random(), -rng.random()) for _ in range(rng.randint(1, 12))]
+        new = (rng.random(), -rng.random())
+        want = promote(recorded, new, 3.0)
+        for sa, sc, shift in [(100.0, 1.0, 0.0), (1.0, 3.0e15, 0.0), (0.01, 7.0e11, 5.0)]:
+            scaled = [(a * sa + shift, c * sc) for a, c in recorded]
+            assert promote(scaled, (new[0] * sa + shift, new[1] * sc), 3.0) == want
+
+
+def test_crowding_distance_ignores_order_and_ties():
+    pts = [(0.1, -1.0), (0.2, -2.0), (0.2, -2.0), (0.3, -3.0), (0.4, -5.0)]  # one front, with twins
+    ranks = nondominated_ranks(pts)
+    assert ranks == [0] * 5
+    d = crowding_distances(pts, ranks)
+    assert d[0] == d[4] == float("inf") and d[1] == d[2]
+    # twins: (0.3 - 0.1) / 0.3 + (-1 - -3) / 4; (0.3, -3): (0.4 - 0.2) / 0.3 + (-2 - -5) / 4
+    assert d[1] == pytest.approx(0.2 / 0.3 + 2 / 4) and d[3] == pytest.approx(0.2 / 0.3 + 3 / 4)
+    for perm in itertools.permutations(range(5)):
+        p2 = [pts[i] for i in perm]
+        d2 = crowding_distances(p2, nondominated_ranks(p2))
+        assert [d2[perm.index(i)] for i in range(5)] == d
+
+
+def stream(seed, n_trials=40, max_t=9):
+    """Results of trials reporting epochs in an interleaved order, like concurrent trials."""
+    rng = random.Random(seed)
+    alive = {f"t{i}": (rng.random(), rng.uniform(1, 3)) for i in range(n_trials)}
+    events = []
+    for tid, (acc, cost) in alive.items():
+        for e in range(1, max_t + 1):
+            events.append((rng.random() + e, tid, {"epoch": e, "val_acc": acc * e / max_t + 0.01 * rng.random(),
+                                                   "flops": cost * e, "status": "running"}))
+    return [(tid, r) for _, tid, r in sorted(events)]
+
+
+def make(exp=None):
+    return MOASHA([("val_acc", "max", False), ("flops", "min", True)], max_t=9, grace_period=1,
+                  reduction_factor=3, exp=exp)
+
+
+def replay(sched, events, stopped):
+    decisions = []
+    for tid, result in events:
+        if tid in stopped:
+            continue
+        action = sched.on_trial_result(None, trial(tid, anchor=tid == "t0"), result)
+        decisions.append((tid, result["epoch"], action))
+        if action == TrialScheduler.STOP:
+            stopped.add(tid)
+    return decisions
+
+
+def test_snapshot_restored_mid_stream_gives_the_same_decisions():
+    events = stream(3)
+    whole = replay(make(), events, set())
+    assert any(a == TrialScheduler.STOP for *_, a in whole) and milestones(1, 3, 9) == [1, 3]
+    half = len(events) // 2
+    first, stopped = make(), set()
+    part1 = replay(first, events[:half], stopped)
+    callback = RungStateCallback(first)
+    state = json.loads(json.dumps(callback.get_state()))  # through plain JSON, as Ray stores it
+    second = make()
+    RungStateCallback(second).set_state(state)
+    part2 = replay(second, events[half:], stopped)
+    assert part1 + part2 == whole
+    assert second.num_stopped == sum(a == TrialScheduler.STOP for *_, a in whole)
+
+
+def test_anchor_never_stopped_and_cost_is_scaled_to_the_full_run(tmp_path):
+    exp = Experiment(str(tmp_path))
+    sched = make(exp)
+    for i, (acc, flops) in enumerate([(0.9, 1.0), (0.8, 0.5)]):  # a trade-off: both go on
+        assert sched.on_trial_result(None, trial(f"a{i}"), {"epoch": 1, "val_acc": acc, "flops": flops}) \
+            == TrialScheduler.CONTINUE
+    # the anchor is dominated by both, and still goes on
+    assert sched.on_trial_result(None, trial("sgd", anchor=True), {"epoch": 1, "val_acc": 0.1, "flops": 2.0}) \
+        == TrialScheduler.CONTINUE
+    assert sched.decisions[-1] == ("sgd", 1, False)
+    written = json.loads((tmp_path / RUNGS_FILE).read_text())
+    assert written["rungs"]["1"]["a0"] == [0.9, 9.0]  # 1.0 after 1 of 9 epochs: 9.0 for the full run
+    # a result that changes no rung (already recorded; between rungs) does not rewrite the file
+    (tmp_path / RUNGS_FILE).write_text("sentinel")
+    sched.on_trial_result(None, trial("a0"), {"epoch": 2, "val_acc": 0.9, "flops": 2.0})
+    sched.on_trial_result(None, trial("a0"), {"epoch": 1, "val_acc": 0.9, "flops": 1.0})
+    assert (tmp_path / RUNGS_FILE).read_text() == "sentinel"
+
+
+def test_missing_or_diverged_values_are_not_recorded():
+    sched = make()
+    for result in [{"epoch": 1, "val_acc": float("nan"), "flops": 1.0}, {"epoch": 1, "flops": 1.0},
+                   {"epoch": 1, "val_acc": 0.0, "flops": 1.0, "status": "diverged"}]:
+        assert sched.on_trial_result(None, trial("x"), result) == TrialScheduler.CONTINUE
+    assert sched.rung_state()["rungs"][0][1] == {}
