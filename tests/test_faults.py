@@ -153,39 +153,6 @@ def test_read_rejects_unsafe_and_incomplete_files(tmp_path):
     assert trainable._read(tmp_path) is None  # a folder is not a checkpoint
 
 
-def test_searcher_tells_diverged_as_complete_zero_and_errored_as_fail(tmp_path):
-    import optuna
-
-    from ssam_tune.experiment import Experiment
-    from ssam_tune.search import SsamSearcher
-
-    space_dict = _space("tell", search={"method.name": {"type": "choice", "values": ["sam", "ssam_f"]},
-                                        "method.rho": {"type": "loguniform", "low": 0.02, "high": 0.5}},
-                        tune={"num_samples": 3, "baselines": False, "objective": "multi"})
-    space = _load_space(_write(tmp_path, space_dict))
-    exp = Experiment(str(tmp_path))
-    journal = exp.journal_path()
-    s = SsamSearcher(space, exp)
-    ids = ["t1", "t2", "t3"]
-    for tid in ids:
-        assert s.suggest(tid)["ssam_tune"]["kind"] == "search"
-    s.on_trial_result("t1", {"epoch": 1, "val_acc": 0.2, "status": "running", "flops_theoretical": 5.0})
-    s.on_trial_complete("t1", {"epoch": 1, "status": "diverged", "flops_theoretical": 5.0})
-    s.on_trial_complete("t1", {"epoch": 3, "status": "completed", "val_acc": 0.9, "flops_theoretical": 5.0})
-    s.on_trial_complete("t2", None, error=True)
-    s.on_trial_complete("t3", {"epoch": 0, "status": "diverged"})  # diverged in its first epoch
-    study = open_study(journal, "tell", "multi")
-    by_ray = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
-    t1, t2, t3 = (by_ray[i] for i in ids)
-    assert t1.state == optuna.trial.TrialState.COMPLETE and t1.values == [0.0, 5.0]
-    assert t1.user_attrs["status"] == "diverged"  # the second complete is ignored
-    assert t2.state == optuna.trial.TrialState.FAIL and t2.user_attrs["status"] == "errored"
-    assert t3.state == optuna.trial.TrialState.COMPLETE and t3.values == [0.0, 0.0]
-    assert t3.user_attrs["status"] == "diverged"
-    assert not study.best_trials or all(b.user_attrs.get("status") != "diverged" or b.values[0] == 0.0
-                                        for b in study.best_trials)
-
-
 def test_case_with_coupled_keys_is_accepted(tmp_path):
     (tmp_path / "imgs" / "train").mkdir(parents=True)
     (tmp_path / "imgs" / "val").mkdir()

@@ -82,17 +82,26 @@ def test_end_to_end_search(finished_search):
 def test_early_stopped_trials_are_pruned_in_optuna(finished_search):
     exp = finished_search / "ray" / "fast"
     study = open_study(str(exp / "optuna.journal"), "fast", "multi")
-    states = {t.number: (t.state.name, t.user_attrs.get("status")) for t in study.trials}
+    assert study.metric_names == ["val_acc", "flops_theoretical"]
+    anchors = [t for t in study.trials if t.user_attrs.get("kind") == "baseline"]
+    assert sorted(t.user_attrs["label"] for t in anchors) == ["sam", "sgd", "ssam"]
+    assert all(t.state.name == "COMPLETE" and len(t.values) == 2 for t in anchors)  # the anchors run to the end
+    # Optuna's front is the completed part of the exported one
+    front = read_rows(finished_search / "fast" / "pareto.csv")
+    assert {t.user_attrs["ray_trial_id"] for t in study.best_trials} == \
+        {p["trial_id"] for p in front if p.get("status", "completed") == "completed"}
+    sampled_trials = [t for t in study.trials if t.user_attrs.get("kind") == "search"]
+    states = {t.number: (t.state.name, t.user_attrs.get("status")) for t in sampled_trials}
     assert len(states) == 6
     pruned = [n for n, (s, _) in states.items() if s == "PRUNED"]
     # (how many ASHA stops depends on the runs' accuracies: tests/test_load.py requires some)
     assert all(states[n][1] == "pruned" for n in pruned)
     # each sampled trial's Optuna state follows from its status in trials.csv
-    state_of = {"completed": "COMPLETE", "diverged": "COMPLETE", "pruned": "PRUNED", "errored": "FAIL"}
+    state_of = {"completed": "COMPLETE", "diverged": "FAIL", "pruned": "PRUNED", "errored": "FAIL"}
     sampled = [t for t in read_rows(finished_search / "fast" / "trials.csv") if t["kind"] == "search"]
     assert {t["trial_id"]: state_of[t["status"]] for t in sampled} == \
-        {t.user_attrs["ray_trial_id"]: t.state.name for t in study.trials}
-    for t in study.trials:
+        {t.user_attrs["ray_trial_id"]: t.state.name for t in sampled_trials}
+    for t in sampled_trials:
         reached = max(reported_epochs(exp / f"trial_{t.user_attrs['ray_trial_id']}"), default=0)
         if t.state.name == "COMPLETE":
             assert reached == 4  # complete only at full fidelity
@@ -131,6 +140,9 @@ def test_sigkill_driver_then_resume(moment, tmp_path):
     space = fast_space()
     space["train"]["epochs"] = 6
     space["tune"]["scheduler"]["grace_period"] = 2
+    # the random sampler: a resumed driver must not replay the proposals of the killed one
+    space["tune"]["sampler"] = "random"
+    space["tune"].pop("n_startup_trials")
     write_yaml(tmp_path / "kill.yaml", space)
     args = ["kill.yaml", "--storage", str(tmp_path / "ray"), "--results", str(tmp_path)]
     exp = tmp_path / "ray" / "fast"
@@ -142,7 +154,7 @@ def test_sigkill_driver_then_resume(moment, tmp_path):
             data = json.loads(f.read_text())
         except (OSError, ValueError):
             return {}
-        return {(m, t): v for bracket in data["rungs"] for m, rec in bracket.items() for t, v in rec.items()}
+        return {(m, t): tuple(v) for m, rec in data["rungs"].items() for t, v in rec.items()}
 
     checkpoints = lambda: len(list(exp.glob("checkpoints/*/checkpoint.pt")))  # noqa: E731
     when = {
@@ -185,7 +197,12 @@ def test_sigkill_driver_then_resume(moment, tmp_path):
             assert all(x.get("resumed_from", 0) >= before_ckpt[trial_id] for x in later), (trial_id, later)
     study = open_study(str(exp / "optuna.journal"), "fast", "multi")
     assert all(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in study.trials)  # none left running
-    assert len([t for t in study.trials if t.state.name != "FAIL"]) == 6  # the budget, each once
+    sampled = [t for t in study.trials if t.user_attrs.get("kind") == "search"]
+    assert len([t for t in sampled if t.state.name != "FAIL"]) == 6  # the budget, each once
+    assert len([t for t in study.trials if t.user_attrs.get("kind") == "baseline"]) == 3  # each anchor once
+    # never the same configuration twice, orphans of the killed driver included
+    proposed = [tuple(sorted(t.params.items())) for t in sampled]
+    assert len(proposed) == len(set(proposed)), proposed
     for name in ("pareto.csv", "pareto.png", "summary.md", "best_config.yaml"):
         assert (tmp_path / "fast" / name).exists()
 

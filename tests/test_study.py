@@ -1,0 +1,162 @@
+"""The Optuna study the searcher keeps, driven through SsamSearcher's callbacks without the
+Ray runtime: what it tells for each outcome, the anchors, the sampler across a restart, the
+retry of an errored trial, and the sampler settings the space accepts."""
+
+import optuna
+import pytest
+from _helpers import fast_space, write_yaml
+
+from ssam_tune.config import ConfigError
+from ssam_tune.experiment import Experiment
+from ssam_tune.search import SsamSearcher, sampler_seed
+from ssam_tune.space import load_space
+from ssam_tune.study import open_study
+
+EPOCHS = 4  # tests/spaces/fast.yaml
+
+
+def make_space(tmp_path, objective="multi", sampler="tpe", baselines=False, num_samples=8, **tune):
+    d = fast_space()
+    d["tune"].update(objective=objective, sampler=sampler, baselines=baselines, num_samples=num_samples, **tune)
+    if sampler != "tpe":
+        d["tune"].pop("n_startup_trials")
+    return load_space(write_yaml(tmp_path / "s.yaml", d))
+
+
+def result(epoch, acc, status="running", flops=None):
+    return {"epoch": epoch, "val_acc": acc, "status": status, "flops_theoretical": flops or 10.0 * epoch}
+
+
+def study_of(space, tmp_path):
+    return open_study(Experiment(str(tmp_path)).journal_path(), space.name, space.tune.objective)
+
+
+def by_ray_id(study):
+    return {t.user_attrs["ray_trial_id"]: t for t in study.trials}
+
+
+def test_outcomes_diverged_and_errored_never_on_the_front(tmp_path):
+    space = make_space(tmp_path)
+    s = SsamSearcher(space, Experiment(str(tmp_path)))
+    for tid in ("done", "div", "div0", "err", "cut"):
+        assert s.suggest(tid)["ssam_tune"]["kind"] == "search"
+    s.on_trial_result("done", result(1, 0.3))
+    s.on_trial_complete("done", result(EPOCHS, 0.5, "completed"))
+    s.on_trial_complete("done", result(EPOCHS, 0.9, "completed"))  # told once
+    s.on_trial_complete("div", {"epoch": 1, "val_acc": 0.2, "status": "diverged", "flops_theoretical": 5.0})
+    s.on_trial_complete("div0", {"epoch": 0, "val_acc": 0.0, "status": "diverged"})  # in its first epoch
+    s.on_trial_complete("err", None, error=True)
+    s.on_trial_complete("cut", result(2, 0.4))  # stopped at a rung
+    trials = by_ray_id(study_of(space, tmp_path))
+    S = optuna.trial.TrialState
+    assert trials["done"].state == S.COMPLETE and trials["done"].values == [0.5, 40.0]
+    for tid in ("div", "div0"):
+        assert trials[tid].state == S.FAIL and trials[tid].user_attrs["status"] == "diverged"
+    assert trials["err"].state == S.FAIL and trials["err"].user_attrs["status"] == "errored"
+    assert trials["cut"].state == S.PRUNED and trials["cut"].user_attrs["epochs_reached"] == 2
+    assert [t.user_attrs["ray_trial_id"] for t in study_of(space, tmp_path).best_trials] == ["done"]
+
+
+def test_anchors_enter_the_study_once_with_names(tmp_path):
+    space = make_space(tmp_path, baselines=["sgd", "sam", "ssam"])
+    exp = Experiment(str(tmp_path))
+    s = SsamSearcher(space, exp)
+    labels = {tid: s.suggest(tid)["ssam_tune"]["label"] for tid in ("a", "b", "c", "x")}
+    assert labels["x"].startswith("optuna")
+    s.on_trial_complete("a", result(EPOCHS, 0.50, "completed", flops=40.0))  # sgd
+    s.on_trial_complete("b", result(EPOCHS, 0.60, "completed", flops=80.0))  # sam
+    s.on_trial_complete("c", {"epoch": 2, "val_acc": 0.1, "status": "diverged"})  # ssam
+    s.on_trial_complete("x", result(EPOCHS, 0.55, "completed", flops=100.0))  # dominated by sam
+    s.save(str(tmp_path / "searcher.pkl"))
+    again = SsamSearcher(space, exp)  # a restarted driver sees the anchor finish once more
+    again.restore(str(tmp_path / "searcher.pkl"))
+    again._trials["a"]["done"] = False
+    again.on_trial_complete("a", result(EPOCHS, 0.50, "completed", flops=40.0))
+    study = study_of(space, tmp_path)
+    assert study.metric_names == ["val_acc", "flops_theoretical"]
+    trials = by_ray_id(study)
+    assert len(study.trials) == 4
+    assert trials["a"].user_attrs["label"] == "sgd" and trials["a"].values == [0.5, 40.0]
+    assert trials["a"].user_attrs["baseline"] == {"method.name": "sgd"}
+    assert trials["c"].state == optuna.trial.TrialState.FAIL and trials["c"].user_attrs["status"] == "diverged"
+    assert sorted(t.user_attrs["label"] for t in study.best_trials) == ["sam", "sgd"]
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe", "nsga2"])
+def test_restarted_sampler_does_not_replay(tmp_path, sampler):
+    """A killed driver's searcher comes back from an older checkpoint: it must not propose
+    the configurations it proposed before the kill again."""
+    space = make_space(tmp_path, sampler=sampler, num_samples=12)
+    exp = Experiment(str(tmp_path))
+    first = SsamSearcher(space, exp)
+    first.save(str(tmp_path / "searcher.pkl"))  # Ray's last experiment checkpoint
+    before = [first.suggest(f"t{i}")["ssam_tune"]["params"] for i in range(4)]
+    second = SsamSearcher(space, exp)  # the resumed driver
+    second.restore(str(tmp_path / "searcher.pkl"))
+    after = [second.suggest(f"u{i}")["ssam_tune"]["params"] for i in range(4)]
+    proposed = [tuple(sorted(p.items())) for p in before + after]
+    assert len(set(proposed)) == 8, proposed
+    # the orphans of the first driver are closed; a fresh study starts from the search seed
+    states = [t.state.name for t in study_of(space, tmp_path).trials]
+    assert states.count("FAIL") == 4 and states.count("RUNNING") == 4
+    assert sampler_seed(7, 0) == 7 and sampler_seed(7, 4) != sampler_seed(7, 5)
+
+
+@pytest.mark.parametrize("objective", ["single", "multi"])
+def test_errored_trial_retried_on_resume_gets_a_fresh_trial(tmp_path, objective):
+    space = make_space(tmp_path, objective=objective)
+    exp = Experiment(str(tmp_path))
+    s = SsamSearcher(space, exp)
+    config = s.suggest("t1")
+    s.on_trial_result("t1", result(1, 0.3))
+    s.on_trial_complete("t1", None, error=True)
+    s.save(str(tmp_path / "searcher.pkl"))
+    # --resume: Ray re-runs the errored trial with the same config, from its checkpoint
+    again = SsamSearcher(space, exp)
+    again.restore(str(tmp_path / "searcher.pkl"))
+    assert again.suggest("t1") == config
+    again.on_trial_result("t1", result(2, 0.4))
+    again.on_trial_result("t1", result(3, 0.45))
+    again.on_trial_complete("t1", result(EPOCHS, 0.5, "completed"))
+    study = study_of(space, tmp_path)
+    old, new = study.trials
+    assert old.state == optuna.trial.TrialState.FAIL and old.user_attrs["status"] == "errored"
+    assert new.state == optuna.trial.TrialState.COMPLETE and new.user_attrs["status"] == "completed"
+    assert new.params == old.params and new.user_attrs["retry_of"] == old.number
+    assert new.user_attrs["ray_trial_id"] == "t1"
+    assert new.values == ([0.5] if objective == "single" else [0.5, 40.0])
+    if objective == "single":
+        assert new.intermediate_values == {2: 0.4, 3: 0.45}
+    assert config["ssam_tune"]["optuna_number"] == old.number  # the bookkeeping moves with it
+    assert again.suggest("t1")["ssam_tune"]["optuna_number"] == new.number
+
+
+def test_searcher_callbacks_never_raise(tmp_path, caplog):
+    space = make_space(tmp_path, objective="single")
+    s = SsamSearcher(space, Experiment(str(tmp_path)))
+    s.suggest("t1")
+    s.study.tell(s._trials["t1"]["number"], [0.1])  # finished behind the searcher's back
+    s.on_trial_result("t1", result(1, 0.3))  # an intermediate value for a finished trial
+    s.on_trial_complete("t1", result(EPOCHS, 0.5, "completed"))
+    assert "Optuna study not updated for Ray trial t1" in caplog.text
+
+
+def test_sampler_settings_follow_the_sampler(tmp_path):
+    d = fast_space()
+    d["tune"]["sampler"] = "nsga2"  # n_startup_trials: 3 is in fast.yaml
+    with pytest.raises(ConfigError, match=r"tune.n_startup_trials: only applies to sampler tpe; sampler nsga2"):
+        load_space(write_yaml(tmp_path / "a.yaml", d))
+    d = fast_space()
+    d["tune"]["population_size"] = 8
+    with pytest.raises(ConfigError, match=r"tune.population_size: only applies to sampler nsga2"):
+        load_space(write_yaml(tmp_path / "b.yaml", d))
+    # the default population comes from the budget: four generations of full-fidelity trials
+    d = fast_space()
+    d["tune"].update(sampler="nsga2", num_samples=200)
+    d["tune"].pop("n_startup_trials")
+    d["train"]["epochs"] = 9
+    d["tune"]["scheduler"] = {"type": "mo_asha", "grace_period": 1, "reduction_factor": 3}
+    t = load_space(write_yaml(tmp_path / "c.yaml", d)).tune
+    assert t.rungs(9) == [1, 3] and t.expected_full_runs(9) == pytest.approx(200 / 9)
+    assert t.population_size == 5 and t.generations(9) == 4
+    assert "population 5" in t.describe_sampler(9) and "4 generation(s)" in t.describe_sampler(9)
