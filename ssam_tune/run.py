@@ -34,11 +34,19 @@ def _trial_dirname(trial) -> str:
     return f"{TRIAL_PREFIX}{trial.trial_id}"
 
 
-def describe(space: SearchSpace) -> str:
-    """The resolved space and the trial budget (``--dry-run``)."""
+def describe(space: SearchSpace, full: bool = True) -> str:
+    """The resolved space and the trial budget (``--dry-run``); without ``full``, the fixed
+    training config is left out (a run prints this header)."""
     t = space.tune
-    lines = [f"experiment: {space.name}  (from {space.source})", "fixed training config:"]
-    lines += ["  " + line for line in yaml.safe_dump(space.base, sort_keys=False).splitlines()]
+    lines = [f"experiment: {space.name}  (from {space.source})"]
+    if full:
+        lines.append("fixed training config:")
+        lines += ["  " + line for line in yaml.safe_dump(space.base, sort_keys=False).splitlines()]
+    else:
+        b = space.base
+        lines.append(f"training: {b['model']['name']} (width {b['model']['width']:g}) on {b['data']['name']}, "
+                     f"{space.epochs} epochs, batch {b['train']['batch_size']}, lr {b['train']['lr']:g} "
+                     "(--dry-run prints the whole config)")
     if space.search:
         lines.append("search (define-by-run; conditional keys only for the methods that use them):")
         lines += [f"  {d.key}: {d.describe()}" for d in space.search]
@@ -166,6 +174,7 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
     from ray import tune
 
     from ssam_tune.export import export_experiment
+    from ssam_tune.progress import Progress
     from ssam_tune.schedulers import RungStateCallback, make_scheduler
     from ssam_tune.search import SsamSearcher
     from ssam_tune.trainable import train_trial
@@ -174,6 +183,9 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
     # A result without val_acc (e.g. an early divergence) must not abort the experiment;
     # the searcher and ASHA handle missing values themselves.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Ray warns when checkpoints force frequent experiment snapshots: that is by design here
+    # (every epoch is checkpointed and CheckpointConfig.num_to_keep bounds the disk).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     exp = Experiment.at(storage, space.name)
     out = Path(results) / space.name
     exp.make()
@@ -195,9 +207,11 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
                     max_concurrent_trials=t.max_concurrent_trials, time_budget_s=t.time_budget_s,
                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname, reuse_actors=True),
                 run_config=tune.RunConfig(
-                    name=space.name, storage_path=storage, callbacks=[RungStateCallback(scheduler)], stop=stop,
+                    name=space.name, storage_path=storage, stop=stop,
+                    callbacks=[RungStateCallback(scheduler), Progress(space.epochs, t.flops_metric)],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-                    failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=1),
+                    # verbose 0: Progress prints a line per result instead of Ray's tables
+                    failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=0),
             )
         tuner.fit()
     finally:
@@ -210,7 +224,8 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
         from ssam_tune.study import close_orphans, open_study
 
         close_orphans(open_study(exp.journal_path(), space.name, space.tune.objective, space.tune.flops_metric))
-    export_experiment(exp.root, out)
+    info = export_experiment(exp.root, out)
+    print(info["console"], flush=True)
     return out
 
 
@@ -245,9 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(describe(space))
-    out = run_search(space, storage=storage, resume=args.resume, address=args.address, results=args.results)
-    print(f"exports written to {out}/")
+    print(describe(space, full=False))
+    run_search(space, storage=storage, resume=args.resume, address=args.address, results=args.results)
     return 0
 
 

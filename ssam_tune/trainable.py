@@ -9,6 +9,7 @@ otherwise be forgotten when a killed driver is resumed.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -102,6 +103,9 @@ def _clean(metrics: dict) -> dict:
 
 def train_trial(config: dict) -> None:
     """Function trainable: ``config = {"ssam_tune": bookkeeping, "config": training config}``."""
+    # Ray logs "Checkpoint successfully created" for every epoch of every trial at INFO level;
+    # the driver's console shows our one line per result instead.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     meta = config.get(META, {})
     cfg = config_from_dict(config["config"])
     import ray

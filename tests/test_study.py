@@ -160,3 +160,15 @@ def test_sampler_settings_follow_the_sampler(tmp_path):
     assert t.rungs(9) == [1, 3] and t.expected_full_runs(9) == pytest.approx(200 / 9)
     assert t.population_size == 5 and t.generations(9) == 4
     assert "population 5" in t.describe_sampler(9) and "4 generation(s)" in t.describe_sampler(9)
+
+
+def test_dry_run_warns_when_nsga2_cannot_leave_generation_zero(tmp_path):
+    from ssam_tune.run import describe
+
+    space = make_space(tmp_path, sampler="nsga2", num_samples=8)  # 4 epochs, rungs 1 and 2, rf 2
+    text = describe(space)
+    assert space.tune.population_size == 2 and space.tune.generations(EPOCHS) == 1
+    assert "sampler: nsga2 (seed 0, population 2; about 2 full-fidelity trials expected: 1 generation(s))" in text
+    assert "warning: the budget fills 1 NSGA-II generation(s) of 2; below 2 it is random search" in text
+    assert "start-up" not in text
+    assert "warning" not in describe(make_space(tmp_path, sampler="nsga2", num_samples=40))

@@ -9,11 +9,17 @@ import os
 import shutil
 from pathlib import Path
 
-from ssam_tune.experiment import SPACE_FILE, atomic_write, is_uri, new_dir, swap_dir
+from ssam_tune.experiment import JOURNAL_FILE, SPACE_FILE, atomic_write, is_uri, new_dir, swap_dir
 from ssam_tune.export.front import best_row, front_rows, hp_keys, hp_values
 from ssam_tune.export.plot import plot_front
 from ssam_tune.export.read import STATUSES, load_rows, load_space_file, local_copy, sgd_cost_of
-from ssam_tune.export.summary import NOTE_SELECTION, confirmation_block, summary_text, with_confirmation
+from ssam_tune.export.summary import (
+    NOTE_SELECTION,
+    confirmation_block,
+    console_text,
+    summary_text,
+    with_confirmation,
+)
 from ssam_tune.export.tensorboard import write_tensorboard
 from ssam_tune.export.write import csv_text, safe_name, trial_columns, yaml_config
 
@@ -25,7 +31,8 @@ def export_experiment(exp_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
     Returns ``{"out_dir", "trials_csv", "pareto_csv", "pareto_json", "pareto_png",
     "best_config" (None without a completed trial), "configs" (paths), "summary",
     "tensorboard", "tensorboard_runs", "n_trials", "counts" (per status), "front" (trial
-    ids, by cost), "best_trial", "front_xy" (the front as drawn in pareto.png)}``.
+    ids, by cost), "best_trial", "front_xy" (the front as drawn in pareto.png), "console"
+    (the end-of-search report the run prints)}``.
     Raises FileNotFoundError without ``space.yaml``; ConfigError if it is invalid.
     """
     with local_copy(exp_dir) as exp:
@@ -96,10 +103,13 @@ def _export(exp: Path, out: Path, shown: str | None = None) -> dict:
                          shown or str(exp.resolve()))
     atomic_write(summary_path, with_confirmation(text, old_block))
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    journal = exp / JOURNAL_FILE if space.mode == "search" and shown is None else None
+    console = console_text(space, rows, front, best, keys, out, str(journal) if journal else None)
     return {"out_dir": str(out), "trials_csv": str(out / "trials.csv"), "pareto_csv": str(out / "pareto.csv"),
             "pareto_json": str(out / "pareto.json"), "pareto_png": str(out / "pareto.png"),
             "best_config": str(best_path) if best is not None else None,
             "configs": [str(out / p) for p in config_names.values()], "summary": str(summary_path),
             "tensorboard": str(out / "tensorboard"), "tensorboard_runs": n_tb, "n_trials": len(rows),
             "counts": counts, "front": [r["trial_id"] for r in front],
-            "best_trial": best["trial_id"] if best is not None else None, "front_xy": front_xy}
+            "best_trial": best["trial_id"] if best is not None else None, "front_xy": front_xy,
+            "console": console}
