@@ -2,8 +2,8 @@
 Ray's trials; the scheduler only reads ``trial_id`` and ``config``)."""
 
 import itertools
-import math
 import json
+import math
 import random
 from types import SimpleNamespace
 
