@@ -88,6 +88,8 @@ class SsamSearcher(Searcher):
     the journal with Ray's results.
     """
 
+    max_concurrent: int | None = None  # class default: searchers pickled by older versions lack it
+
     def __init__(self, space: SearchSpace, exp: Experiment) -> None:
         super().__init__(metric="val_acc", mode="max")
         self.space = space
@@ -114,9 +116,19 @@ class SsamSearcher(Searcher):
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # metric and mode are ours; the space is the YAML's
 
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        """``max_concurrent_trials`` is enforced here, not by Ray's ConcurrencyLimiter: that
+        wrapper drops the completion of a trial it no longer counts as live, which is every
+        errored trial that Ray re-runs on ``--resume`` (its Optuna trial would stay RUNNING)."""
+        self.max_concurrent = max_concurrent
+        return True
+
     def suggest(self, trial_id: str) -> dict | None:
         if trial_id in self._trials:
             return self._trials[trial_id]["config"]
+        live = sum(1 for info in self._trials.values() if not info["done"])
+        if self.max_concurrent and live >= self.max_concurrent:
+            return None  # asked again when a trial finishes
         meta = {"trial_id": trial_id, "exp_dir": self.exp_dir, "epochs": self.space.epochs}
         if self._issued_fixed < len(self._fixed):
             label, cfg = self._fixed[self._issued_fixed]

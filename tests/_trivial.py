@@ -89,6 +89,18 @@ def trivial_trainable(config: dict) -> None:
         })
 
 
+def flaky_trainable(config: dict) -> None:
+    """``trivial_trainable``, except that the trial labelled ``$SSAM_TEST_RAISE_LABEL`` raises
+    after its second epoch (an errored trial that a later ``--resume`` retries)."""
+    from ray import tune
+
+    if config.get("ssam_tune", {}).get("label") == os.environ.get("SSAM_TEST_RAISE_LABEL"):
+        for e in (1, 2):
+            tune.report({"epoch": e, "val_acc": 0.1 * e, "flops_theoretical": 1e12 * e, "status": "running"})
+        raise RuntimeError("injected failure")
+    trivial_trainable(config)
+
+
 def load_space_dict(name: str, num_samples: int, *, scheduler="asha", baselines=BASELINES,
                     concurrency: int = 4, cpu: float = 0.5, epochs: int = 4) -> dict:
     """A search space like tests/spaces/fast.yaml, sized for load runs."""

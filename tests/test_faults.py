@@ -359,9 +359,11 @@ def test_diverging_search_trial_in_journal_and_keep_one_checkpoint(tmp_path):
     assert int(div["epochs_reached"]) == 2  # NaN from a step of epoch 3 (epoch 1: test_first_epoch_...)
     assert div["trial_id"] not in {r["trial_id"] for r in read_rows(out / "pareto.csv")}
     study = open_study(str(exp / "optuna.journal"), "fault-search", "multi")
-    (t,) = study.trials
-    assert t.state == optuna.trial.TrialState.COMPLETE and t.values[0] == 0.0
+    (t,) = [t for t in study.trials if t.user_attrs["kind"] == "search"]
+    # FAIL: a diverged trial is never on Optuna's front (it would be its cheapest point)
+    assert t.state == optuna.trial.TrialState.FAIL and t.values is None and t.user_attrs["epochs_reached"] == 2
     assert t.user_attrs["status"] == "diverged" and t.user_attrs["ray_trial_id"] == div["trial_id"]
+    assert [b.user_attrs["label"] for b in study.best_trials] == ["sgd"]
     base = rows["baseline"]
     assert base["status"] == "completed" and int(base["epochs_reached"]) == 4
     assert len(list((exp / f"trial_{base['trial_id']}").glob("checkpoint_*"))) == 1  # keep_checkpoints 1

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 from _helpers import read_rows
-from _trivial import BASELINES, load_space_dict, trivial_trainable, worker_pythonpath
+from _trivial import BASELINES, flaky_trainable, load_space_dict, trivial_trainable, worker_pythonpath
 
 from ssam_tune.study import open_study
 
@@ -71,3 +71,36 @@ def test_100_trials_four_at_a_time(tmp_path, monkeypatch):
     assert [p["trial_id"] for p in front_json["front"]] == [p["trial_id"] for p in front]
     print(f"\n100 trials (4 at a time, trivial trainable) in {wall:.1f} s: {dict(statuses)}, "
           f"front of {len(front)}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("objective", ["single", "multi"])
+def test_errored_trial_then_resume_retries_it_in_a_fresh_optuna_trial(tmp_path, monkeypatch, objective):
+    """An errored sampled trial, then --resume: Ray re-runs it; the driver must not die on
+    the Optuna trial already told FAIL, and the study must end as trials.csv does."""
+    import optuna
+
+    from ssam_tune.run import run_search
+    from ssam_tune.space import load_space
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("PYTHONPATH", worker_pythonpath(os.environ))
+    monkeypatch.chdir(tmp_path)
+    data = load_space_dict("flaky", 4, baselines=[], concurrency=2)
+    data["tune"].update(objective=objective, max_failures=0, scheduler="none")
+    space = load_space(tmp_path / "flaky.yaml", data=data)
+    storage = str(tmp_path / "ray")
+    monkeypatch.setenv("SSAM_TEST_RAISE_LABEL", "optuna1")  # workers inherit it
+    out = run_search(space, storage=storage, resume=False, results=str(tmp_path), trainable=flaky_trainable)
+    rows = {t["label"]: t for t in read_rows(out / "trials.csv")}
+    assert rows["optuna1"]["status"] == "errored"
+    monkeypatch.delenv("SSAM_TEST_RAISE_LABEL")  # a fresh local Ray: its workers see no failure
+    out = run_search(space, storage=storage, resume=True, results=str(tmp_path), trainable=flaky_trainable)
+    rows = {t["label"]: t for t in read_rows(out / "trials.csv")}
+    assert rows["optuna1"]["status"] == "completed" and rows["optuna1"]["optuna_status"] == "completed"
+    study = open_study(str(tmp_path / "ray" / "flaky" / "optuna.journal"), "flaky", objective)
+    tries = [t for t in study.trials if t.user_attrs.get("ray_trial_id") == rows["optuna1"]["trial_id"]]
+    assert [t.state for t in tries] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    assert tries[1].user_attrs["retry_of"] == tries[0].number and tries[1].params == tries[0].params
+    assert len(tries[1].values) == (1 if objective == "single" else 2)
