@@ -64,6 +64,9 @@ def describe(space: SearchSpace, full: bool = True) -> str:
         lines.append(f"warning: the budget fills {t.generations(space.epochs)} NSGA-II generation(s) of "
                      f"{t.population_size}; below 2 it is random search. Raise num_samples or lower "
                      "tune.population_size.")
+    if t.sampler == "nsga2" and t.time_budget_s:
+        lines.append("note: with tune.time_budget_s, num_samples is only a ceiling and the default population "
+                     "assumes all of it runs; set tune.population_size to what the time allows.")
     lines.append(f"scheduler: {t.describe_scheduler(space.epochs)}")
     lines.append(f"resources per trial: {t.cpu} CPU, {t.gpu} GPU; max concurrent: {t.max_concurrent_trials or 'auto'}")
     if t.confirm_top_k:
@@ -170,7 +173,8 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
 
     ``trainable`` replaces the training function (load tests drive the machinery with a
     trivial one); it receives the same config and must report the same metrics. ``stop`` is
-    Ray's ``RunConfig(stop=...)`` (benchmarks cap the epochs a search may spend)."""
+    Ray's ``RunConfig(stop=...)`` (benchmarks cap the epochs a search may spend; note that Ray
+    hands a function trainable's last result to a stopper twice)."""
     from ray import tune
 
     from ssam_tune.export import export_experiment
@@ -219,11 +223,19 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
 
         ray.shutdown()
     if space.mode == "search" and Path(exp.journal_path()).exists():
-        # After fit() every trial Ray knows has finished: an Optuna trial still RUNNING was
-        # asked by a driver killed before Ray recorded it. Mark it failed (orphaned).
-        from ssam_tune.study import close_orphans, open_study
+        # After fit() every trial has finished, but Ray does not tell the searcher about the
+        # trials a stopper or the time budget ended: settle them from their results.
+        from ssam_tune.export import load_trials
+        from ssam_tune.study import open_study, settle
 
-        close_orphans(open_study(exp.journal_path(), space.name, space.tune.objective, space.tune.flops_metric))
+        t = space.tune
+        outcomes = {}
+        for row in load_trials(exp.root, t.flops_metric):
+            acc, cost = row.get("val_acc"), row.get(t.flops_metric)
+            values = None if acc is None else [acc] if t.objective == "single" else None if cost is None else \
+                [acc, cost]
+            outcomes[row["trial_id"]] = (row["status"], row["epochs_reached"], values)
+        settle(open_study(exp.journal_path(), space.name, t.objective, t.flops_metric), outcomes)
     info = export_experiment(exp.root, out)
     print(info["console"], flush=True)
     return out

@@ -38,7 +38,7 @@ from ray.tune.search import Searcher
 from ssam_tune import _private
 from ssam_tune.experiment import Experiment
 from ssam_tune.space import SearchSpace, baseline_params, resolve_config, sample_params
-from ssam_tune.study import close_orphans, open_study
+from ssam_tune.study import close_orphans, open_study, record
 
 __all__ = ["META", "SsamSearcher", "make_sampler", "sampler_seed"]
 
@@ -205,30 +205,14 @@ class SsamSearcher(Searcher):
         return True
 
     def tell(self, number: int, last: dict, error: bool) -> None:
-        status = last.get("status")
-        epoch = last.get("epoch") or 0
-        study = self.study
-        if _private.optuna_trial(study, number).state.is_finished():
-            return
-
-        def mark(key, value):
-            _private.optuna_set_user_attr(study, number, key, value)
-
+        status, epoch = last.get("status"), int(last.get("epoch") or 0)
         values = self._values(last)
-        if error or status == "diverged":
-            # FAIL: never on a front, never in the sampler's model (a diverged trial told
-            # COMPLETE would be the cheapest point, dominated by nothing)
-            mark("status", "errored" if error else "diverged")
-            mark("epochs_reached", int(epoch))
-            study.tell(number, state=optuna.trial.TrialState.FAIL)
-        elif status == "completed" and epoch >= self.space.epochs and values is not None:
-            mark("status", "completed")
-            study.tell(number, values)
-        else:
-            # stopped early (scheduler, time budget): a truncated accuracy is not a final value
-            mark("status", "pruned")
-            mark("epochs_reached", int(epoch))
-            study.tell(number, state=optuna.trial.TrialState.PRUNED)
+        if error:
+            status = "errored"
+        elif status != "diverged":
+            full = status == "completed" and epoch >= self.space.epochs and values is not None
+            status = "completed" if full else "pruned"  # stopped early: scheduler, time budget
+        record(self.study, number, status, epoch, values)
 
     def _values(self, last: dict) -> list[float] | None:
         acc, cost = last.get("val_acc"), last.get(self.space.tune.flops_metric)

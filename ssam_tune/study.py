@@ -13,7 +13,12 @@ import optuna
 
 from ssam_tune import _private
 
-__all__ = ["close_orphans", "directions", "metric_names", "open_study"]
+__all__ = ["close_orphans", "directions", "metric_names", "open_study", "record", "settle"]
+
+# a trial's status (as trials.csv says it) -> the Optuna state it is told
+STATES = {"completed": optuna.trial.TrialState.COMPLETE, "pruned": optuna.trial.TrialState.PRUNED,
+          "diverged": optuna.trial.TrialState.FAIL, "errored": optuna.trial.TrialState.FAIL,
+          "pending": optuna.trial.TrialState.FAIL, "orphaned": optuna.trial.TrialState.FAIL}
 
 
 def directions(objective: str) -> list[str]:
@@ -47,13 +52,47 @@ def open_study(journal_path: str, name: str, objective: str, cost_metric: str | 
     return study
 
 
+def record(study: optuna.Study, number: int, status: str, epochs_reached: int,
+           values: list[float] | None = None) -> None:
+    """Tell Optuna how trial ``number`` ended, once, with the user attribute ``status``:
+    completed -> COMPLETE with ``values`` (full fidelity only); pruned (stopped early by the
+    scheduler, the time budget or a stopper) -> PRUNED, since a truncated accuracy is not a
+    final value; diverged, errored, pending (never started), orphaned -> FAIL, so that none
+    is ever a point of a front (a diverged trial would be the cheapest one)."""
+    if _private.optuna_trial(study, number).state.is_finished():
+        return
+    state = STATES[status]
+    if state == optuna.trial.TrialState.COMPLETE and values is None:
+        status, state = "pruned", optuna.trial.TrialState.PRUNED
+    _private.optuna_set_user_attr(study, number, "status", status)
+    if status != "completed":
+        _private.optuna_set_user_attr(study, number, "epochs_reached", int(epochs_reached))
+    if state == optuna.trial.TrialState.COMPLETE:
+        study.tell(number, values)
+    else:
+        study.tell(number, state=state)
+
+
+def settle(study: optuna.Study, outcomes: dict[str, tuple[str, int, list[float] | None]]) -> int:
+    """After ``fit()``: tell the trials still RUNNING how they ended, from ``outcomes`` (Ray
+    trial id -> (status, epochs reached, values) as the exports read them). Ray ends trials
+    without telling the searcher when a stopper or the time budget ends the search. A trial
+    without an outcome never reported a result (it never started, or a killed driver asked
+    for it before Ray recorded it): it is FAIL, ``pending``. Returns how many were told."""
+    told = 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        status, epochs, values = outcomes.get(str(trial.user_attrs.get("ray_trial_id")), ("pending", 0, None))
+        record(study, trial.number, status, epochs, values)
+        told += 1
+    return told
+
+
 def close_orphans(study: optuna.Study, keep: set[int] = frozenset()) -> int:
     """Mark the study's RUNNING trials (except the numbers in ``keep``) failed, with
     ``status=orphaned``: they were asked by a driver killed before Ray recorded them."""
     closed = 0
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if trial.number not in keep:
-            _private.optuna_set_user_attr(study, trial.number, "status", "orphaned")
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            record(study, trial.number, "orphaned", 0)
             closed += 1
     return closed

@@ -104,3 +104,45 @@ def test_errored_trial_then_resume_retries_it_in_a_fresh_optuna_trial(tmp_path, 
     assert [t.state for t in tries] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
     assert tries[1].user_attrs["retry_of"] == tries[0].number and tries[1].params == tries[0].params
     assert len(tries[1].values) == (1 if objective == "single" else 2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_search_ended_by_a_stopper_leaves_an_honest_study(tmp_path, monkeypatch):
+    """Ray ends the running trials without telling the searcher when a stopper (or the time
+    budget) ends the search: the study must still say what trials.csv says."""
+    from ray.tune.stopper import Stopper
+
+    from ssam_tune.run import run_search
+    from ssam_tune.space import load_space
+
+    class AfterResults(Stopper):  # ends the whole search after 30 results
+        def __init__(self):
+            self.n = 0
+
+        def __call__(self, trial_id, result):
+            self.n += 1
+            return False
+
+        def stop_all(self):
+            return self.n >= 30
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("PYTHONPATH", worker_pythonpath(os.environ))
+    monkeypatch.chdir(tmp_path)
+    space = load_space(tmp_path / "stop.yaml", data=load_space_dict("stop", 40, baselines=["sgd"]))
+    out = run_search(space, storage=str(tmp_path / "ray"), resume=False, results=str(tmp_path),
+                     trainable=trivial_trainable, stop=AfterResults())
+    rows = [t for t in read_rows(out / "trials.csv") if t["kind"] == "search"]
+    assert len(rows) < 40 and {"completed", "pruned"} <= {t["status"] for t in rows}
+    study = open_study(str(tmp_path / "ray" / "stop" / "optuna.journal"), "stop", "multi")
+    by_ray = {t.user_attrs["ray_trial_id"]: t for t in study.trials if t.user_attrs["kind"] == "search"}
+    state_of = {"completed": "COMPLETE", "pruned": "PRUNED", "pending": "FAIL"}
+    assert {t["trial_id"]: state_of[t["status"]] for t in rows} == \
+        {k: t.state.name for k, t in by_ray.items() if k in {r["trial_id"] for r in rows}}
+    assert all(t.user_attrs["status"] == r["status"] for r in rows for t in [by_ray[r["trial_id"]]])
+    # trials Ray created but never started have no folder: FAIL, pending
+    never = [t for k, t in by_ray.items() if k not in {r["trial_id"] for r in rows}]
+    assert all(t.state.name == "FAIL" and t.user_attrs["status"] == "pending" for t in never)
+    best = {t.user_attrs["ray_trial_id"] for t in study.best_trials}
+    assert best == {p["trial_id"] for p in read_rows(out / "pareto.csv")}

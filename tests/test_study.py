@@ -172,3 +172,22 @@ def test_dry_run_warns_when_nsga2_cannot_leave_generation_zero(tmp_path):
     assert "warning: the budget fills 1 NSGA-II generation(s) of 2; below 2 it is random search" in text
     assert "start-up" not in text
     assert "warning" not in describe(make_space(tmp_path, sampler="nsga2", num_samples=40))
+
+
+def test_settle_tells_running_trials_how_they_ended(tmp_path):
+    from ssam_tune.study import settle
+
+    space = make_space(tmp_path)
+    s = SsamSearcher(space, Experiment(str(tmp_path)))
+    for tid in ("full", "cut", "never", "lost"):
+        s.suggest(tid)
+    s.study.tell(s._trials["lost"]["number"], state=optuna.trial.TrialState.PRUNED)  # already told: left alone
+    extra = s.study.ask()  # asked by a driver that was killed before Ray recorded it
+    outcomes = {"full": ("completed", EPOCHS, [0.5, 40.0]), "cut": ("pruned", 2, None), "never": ("pending", 0, None),
+                "lost": ("completed", EPOCHS, [0.9, 1.0])}
+    assert settle(s.study, outcomes) == 4
+    trials = study_of(space, tmp_path).trials
+    got = {t.user_attrs.get("ray_trial_id", "extra"): (t.state.name, t.user_attrs.get("status")) for t in trials}
+    assert got == {"full": ("COMPLETE", "completed"), "cut": ("PRUNED", "pruned"), "never": ("FAIL", "pending"),
+                   "lost": ("PRUNED", None), "extra": ("FAIL", "pending")}
+    assert trials[extra.number].user_attrs["status"] == "pending"
