@@ -68,6 +68,8 @@ class DataConfig:
     cutout: int = _f(16, lo=0, hi=224)  # cutout square side in pixels (0: off)
     train_size: int | None = _f(None, lo=1)  # optional class-balanced subset of the train split
     num_workers: int = _f(4, lo=0, hi=64)  # DataLoader workers (ImageNet-size data only)
+    # fraction of TRAINING labels replaced by a random other class (seeded; val/test clean)
+    label_noise: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True)
 
 
 @dataclass

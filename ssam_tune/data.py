@@ -42,6 +42,7 @@ __all__ = [
     "Data",
     "DataError",
     "Split",
+    "add_label_noise",
     "load_dataset",
     "make_dataloader",
     "split_train_val",
@@ -182,6 +183,37 @@ def split_train_val(train: Split, val_fraction: float, seed: int) -> tuple[Split
     """
     keep, held = stratified_indices(train.labels, val_fraction, seed)
     return train.subset(keep), train.subset(held)
+
+
+# Offset of the label-noise stream from the run seed, so that the flips are not drawn from
+# the same generator state as the validation split (``stratified_indices`` uses the seed).
+_LABEL_NOISE_STREAM = 7919
+
+
+def add_label_noise(split: Split, fraction: float, seed: int) -> Split:
+    """A copy of ``split`` with ``round(fraction * len(split))`` labels replaced by a
+    uniformly random OTHER class (symmetric label noise), for training splits only.
+
+    Which images are flipped and their new classes come from one generator seeded from
+    ``seed``: the same seed gives the same flips. ``fraction=0`` returns ``split`` itself.
+    Images, classes and statistics are shared with ``split``; only the labels are new.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"label_noise must be in [0, 1), got {fraction}")
+    n = len(split)
+    k = round(fraction * n)
+    if k == 0:
+        return split
+    num_classes = len(split.classes)
+    if num_classes < 2:
+        raise DataError("label_noise needs at least 2 classes")
+    gen = torch.Generator().manual_seed(seed + _LABEL_NOISE_STREAM)
+    flip = torch.randperm(n, generator=gen)[:k]
+    # An offset in 1 .. C-1 (mod C) is a uniform choice among the other C-1 classes.
+    offset = torch.randint(1, num_classes, (k,), generator=gen)
+    labels = split.labels.cpu().clone()
+    labels[flip] = (labels[flip] + offset) % num_classes
+    return Split(split.images, labels.to(split.labels.device), split.classes, split.mean, split.std)
 
 
 # --------------------------------------------------------------------------- loading
@@ -396,7 +428,7 @@ def _load_imagefolder_large(train_dir: str, eval_dir: str, val_fraction: float,
 
 def load_dataset(name: str = "embedded", root: str | None = None, download: bool = False,
                  val_fraction: float = 0.1, seed: int = 0, augment: str | None = None,
-                 num_threads: int | None = None) -> Data:
+                 num_threads: int | None = None, label_noise: float = 0.0) -> Data:
     """Load a data set and split it into train / val / test.
 
     name:
@@ -417,6 +449,10 @@ def load_dataset(name: str = "embedded", root: str | None = None, download: bool
         images up to 64 px, else ``imagenet``. Only imagefolder accepts ``imagenet``.
     num_threads:
         decoding threads for in-memory image folders (default: up to 8, the CPU count).
+    label_noise:
+        this fraction of the TRAINING split's labels (after the validation split is carved
+        out) is replaced by a uniformly random other class, seeded by ``seed``
+        (``add_label_noise``); validation and test labels stay clean. In-memory data only.
 
     Raises ``DataError`` (a ``ValueError``) when the data is missing, naming the place
     it must be put.
@@ -427,6 +463,8 @@ def load_dataset(name: str = "embedded", root: str | None = None, download: bool
         raise DataError(f"augment must be 'cifar' or 'imagenet', got {augment!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0.0 <= label_noise < 1.0:
+        raise DataError(f"label_noise must be in [0, 1), got {label_noise}")
 
     if name == "imagefolder":
         train_dir, eval_dir = _imagefolder_dirs(root)
@@ -434,6 +472,9 @@ def load_dataset(name: str = "embedded", root: str | None = None, download: bool
         if augment is None:
             augment = "cifar" if size <= SMALL_IMAGE_MAX else "imagenet"
         if augment == "imagenet":
+            if label_noise:
+                raise DataError("label_noise applies to in-memory data sets only, not to "
+                                "augment 'imagenet'")
             return _load_imagefolder_large(train_dir, eval_dir, val_fraction, seed)
         if size > SMALL_IMAGE_MAX:
             raise DataError(f"augment 'cifar' holds images in memory and needs images of at "
@@ -461,6 +502,7 @@ def load_dataset(name: str = "embedded", root: str | None = None, download: bool
         raise DataError(f"{name}: test images {tuple(test.images.shape[1:])} differ in size "
                         f"from training images {tuple(train.images.shape[1:])}")
     train, val = split_train_val(train, val_fraction, seed)
+    train = add_label_noise(train, label_noise, seed)  # the training part only
     if name == "imagefolder":
         # Unknown data: normalise with the statistics of the training part only.
         mean, std = _channel_stats(train.images)

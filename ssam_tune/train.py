@@ -53,7 +53,7 @@ def load_data(cfg: Config) -> Data:
     d = cfg.data
     augment = None if d.augment in (None, "none") else d.augment
     return load_dataset(d.name, root=d.root, download=d.download, val_fraction=d.val_fraction,
-                        seed=cfg.seed, augment=augment)
+                        seed=cfg.seed, augment=augment, label_noise=d.label_noise)
 
 
 def _balanced_subset(split: Split, size: int, seed: int) -> Split:
