@@ -1,11 +1,13 @@
 """`python -m ssam_tune.run SPACE.yaml`: a search (or a list of cases) on Ray Tune.
 
     python -m ssam_tune.run SPACE.yaml [--address ADDR] [--storage PATH] [--name NAME]
-                                       [--resume] [--num-samples N] [--smoke] [--dry-run]
+                                       [--resume [auto]] [--num-samples N] [--smoke] [--dry-run]
 
 The space is validated before Ray starts (exit code 2, nothing started or written). The Ray
 experiment goes to ``<storage>/<name>`` (default storage: ``results/ray``), the exports to
-``results/<name>/``. ``--resume`` finishes an experiment whose driver was killed.
+``results/<name>/``. ``--resume`` finishes an experiment whose driver was killed;
+``--resume auto`` starts the experiment if it is absent and resumes it if present (an
+idempotent entrypoint for jobs that a cluster may restart).
 """
 
 from __future__ import annotations
@@ -78,11 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ssam_tune.run", description=__doc__.split("\n\n")[0])
     p.add_argument("space", help="search-space YAML (see README)")
     p.add_argument("--address", default=None, help="Ray cluster address to join (default: RAY_ADDRESS, "
-                   "else start a local Ray)")
+                   "else start a local Ray); not ray://: submit with `ray job submit` instead")
     p.add_argument("--storage", default=None, help="experiment storage: a shared path or s3:// URI "
                    "(default: tune.storage_path, else results/ray)")
     p.add_argument("--name", default=None, help="experiment name (default: the space's name)")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted experiment")
+    p.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default=None,
+                   help="finish an interrupted experiment; 'auto': start it if absent, else resume it")
     p.add_argument("--num-samples", type=int, default=None, help="override tune.num_samples")
     p.add_argument("--smoke", action="store_true", help="shrink to a few-minute CPU check of the setup")
     p.add_argument("--dry-run", action="store_true", help="print the resolved space and budget, run nothing")
@@ -249,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(describe(space))
             return 0
+        address = args.address or os.environ.get("RAY_ADDRESS") or ""
+        if address.startswith("ray://"):
+            # Ray Client runs the driver's Tune loop remotely while space.yaml and the exports
+            # would be written on this machine.
+            raise ConfigError("--address" if args.address else "RAY_ADDRESS",
+                              f"Ray Client addresses ({address}) are not supported; run the search on the "
+                              "cluster with `ray job submit --address http://<head>:8265 --working-dir . -- "
+                              "python -m ssam_tune.run SPACE.yaml ...`")
         exp = Experiment.at(storage, space.name)
         try:
             exists = exp.started
@@ -256,12 +267,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--storage", f"cannot reach {exp.root} ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''}); check the URI and the "
                               "credentials, or use a local folder") from None
-        if args.resume and not exists:
-            raise ConfigError("--resume", f"no experiment to resume at {exp.root}")
-        if not args.resume and exists:
+        resume = exists if args.resume == "auto" else bool(args.resume)
+        if resume and not exists:
+            raise ConfigError("--resume", f"no experiment to resume at {exp.root} (--resume auto starts it)")
+        if not resume and exists:
             raise ConfigError("--name", f"experiment {space.name!r} already exists at {exp.root}; "
-                              "use --resume to finish it or --name for a new one")
-        stored_text = exp.read_text(SPACE_FILE) if args.resume else None
+                              "use --resume (or --resume auto) to finish it or --name for a new one")
+        if args.resume == "auto":
+            print(f"--resume auto: {'resuming' if resume else 'starting'} {exp.root}")
+        stored_text = exp.read_text(SPACE_FILE) if resume else None
         if stored_text is not None:
             # finish the experiment as it was started, whatever the YAML says now
             stored = load_space(exp.join(SPACE_FILE), data=yaml.safe_load(stored_text), check_paths=False)
@@ -273,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(describe(space, full=False))
-    run_search(space, storage=storage, resume=args.resume, address=args.address, results=args.results)
+    run_search(space, storage=storage, resume=resume, address=args.address, results=args.results)
     return 0
 
 

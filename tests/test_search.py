@@ -258,3 +258,28 @@ def test_smoke_runs_a_paper_space(tmp_path):
     trials = read_rows(tmp_path / "resnet50_imagenet-smoke" / "trials.csv")
     assert len(trials) == 7 and all(t["status"] in ("completed", "pruned") for t in trials)
     assert {t["model.name"] for t in trials} == {"resnet18"} and {t["data.name"] for t in trials} == {"embedded"}
+
+
+def test_resume_auto_starts_then_resumes_and_ray_client_is_refused(tmp_path):
+    """An idempotent entrypoint for jobs a cluster may restart: start if absent, resume if
+    present; and a ray:// address is refused before anything starts."""
+    space = fast_space()
+    space["train"]["epochs"] = 1
+    space["tune"].update(num_samples=1, baselines=False, n_startup_trials=1)
+    write_yaml(tmp_path / "auto.yaml", space)
+    args = ["auto.yaml", "--storage", str(tmp_path / "ray"), "--results", str(tmp_path), "--resume", "auto"]
+    r = _run_cli(args, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "--resume auto: starting" in r.stdout
+    first = read_rows(tmp_path / "fast" / "trials.csv")
+    r = _run_cli(args, cwd=tmp_path)  # the job restarted after the search finished
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "--resume auto: resuming" in r.stdout
+    again = read_rows(tmp_path / "fast" / "trials.csv")
+    assert [t["trial_id"] for t in again] == [t["trial_id"] for t in first] and len(first) == 1
+    assert again[0]["status"] == "completed"
+    r = _run_cli(["auto.yaml", "--storage", str(tmp_path / "ray2"), "--resume"], cwd=tmp_path)
+    assert r.returncode == 2 and "no experiment to resume" in r.stderr and "--resume auto starts it" in r.stderr
+    r = _run_cli(["auto.yaml", "--address", "ray://head:10001"], cwd=tmp_path)
+    assert r.returncode == 2 and "error: " in r.stderr and "ray job submit" in r.stderr
+    assert not (tmp_path / "results").exists()
