@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         stored_text = exp.read_text(SPACE_FILE) if resume else None
         if stored_text is not None:
             # finish the experiment as it was started, whatever the YAML says now
-            stored = load_space(exp.join(SPACE_FILE), data=yaml.safe_load(stored_text), check_paths=False)
+            stored = load_space(exp.join(SPACE_FILE), data=yaml.safe_load(stored_text), check_paths=False,
+                                stored=True)
             if space_to_dict(stored) != space_to_dict(space):
                 print(f"note: resuming with the space stored in {exp.join(SPACE_FILE)} "
                       f"(it differs from {args.space})", file=sys.stderr)

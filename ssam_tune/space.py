@@ -299,7 +299,7 @@ def _flatten(case: dict, prefix: str = "") -> dict:
     return out
 
 
-def _parse_tune(raw: Any, epochs: int) -> TuneSettings:
+def _parse_tune(raw: Any, epochs: int, stored: bool = False) -> TuneSettings:
     """The ``tune:`` section: value rules from :class:`~ssam_tune.config.TuneConfig`, plus the
     shorthands (``scheduler: none``, ``baselines: false``) and the rules that involve other
     keys (the grace period against train.epochs)."""
@@ -324,10 +324,11 @@ def _parse_tune(raw: Any, epochs: int) -> TuneSettings:
         raise ConfigError("tune.confirm", "must be a mapping like {top_k: 3, seeds: [1, 2, 3]}")
     cfg = build_section(TuneConfig, raw, "tune.")
 
-    # settings the chosen sampler would silently ignore are refused
+    # settings the chosen sampler would silently ignore are refused (in a space.yaml stored by
+    # an experiment they are dropped: older versions always wrote n_startup_trials)
     ignored = {"n_startup_trials": ("tpe",), "population_size": ("nsga2",)}
     for key, samplers in ignored.items():
-        if raw.get(key) is not None and cfg.sampler not in samplers:
+        if raw.get(key) is not None and cfg.sampler not in samplers and not stored:
             why = ("its first generation (population_size trials) is its start-up" if cfg.sampler == "nsga2"
                    else "every trial is random")
             raise ConfigError(f"tune.{key}", f"only applies to sampler {' or '.join(samplers)}; sampler "
@@ -363,19 +364,22 @@ def _parse_tune(raw: Any, epochs: int) -> TuneSettings:
     return t
 
 
-def load_space(path: str | os.PathLike, *, data: Any = None, check_paths: bool = True) -> SearchSpace:
+def load_space(path: str | os.PathLike, *, data: Any = None, check_paths: bool = True,
+               stored: bool = False) -> SearchSpace:
     """Load and validate a search-space YAML (``data`` instead of reading ``path``).
 
-    ``check_paths`` also requires ``data.root`` to exist unless the data is downloaded."""
+    ``check_paths`` also requires ``data.root`` to exist unless the data is downloaded.
+    ``stored``: the ``space.yaml`` an experiment stored (possibly by an older version), read
+    leniently where a newer rule would refuse what an older version wrote."""
     source = str(path)
     try:
         raw = load_yaml(path) if data is None else data
-        return _parse_space(raw, source, Path(path).stem, check_paths)
+        return _parse_space(raw, source, Path(path).stem, check_paths, stored)
     except ConfigError as err:
         raise ConfigError(err.path, err.rule, source) from None
 
 
-def _parse_space(raw: Any, source: str, stem: str, check_paths: bool = True) -> SearchSpace:
+def _parse_space(raw: Any, source: str, stem: str, check_paths: bool = True, stored: bool = False) -> SearchSpace:
     if not isinstance(raw, dict):
         raise ConfigError("(top level)", "must be a mapping with the training config, search or cases, and tune")
     unknown = sorted(set(map(str, raw)) - set(TOP_KEYS))
@@ -402,7 +406,7 @@ def _parse_space(raw: Any, source: str, stem: str, check_paths: bool = True) -> 
         raise ConfigError("cases", "give either search (a sampled space) or cases (an explicit list), not both")
     if search_raw is None and cases_raw is None:
         raise ConfigError("search", "is required (or cases): nothing to search")
-    tune = _parse_tune(raw.get("tune"), base_cfg.train.epochs)
+    tune = _parse_tune(raw.get("tune"), base_cfg.train.epochs, stored)
     search, cases = [], []
     if search_raw is not None:
         if not isinstance(search_raw, dict) or not search_raw:

@@ -191,3 +191,19 @@ def test_settle_tells_running_trials_how_they_ended(tmp_path):
     assert got == {"full": ("COMPLETE", "completed"), "cut": ("PRUNED", "pruned"), "never": ("FAIL", "pending"),
                    "lost": ("PRUNED", None), "extra": ("FAIL", "pending")}
     assert trials[extra.number].user_attrs["status"] == "pending"
+
+
+def test_a_space_stored_by_an_older_version_still_loads(tmp_path):
+    """Older versions wrote n_startup_trials whatever the sampler: a stored space.yaml with
+    it must still load on --resume and export, while a user's YAML with it is refused."""
+    d = fast_space()
+    d["tune"]["sampler"] = "nsga2"  # fast.yaml has n_startup_trials: 3
+    path = write_yaml(tmp_path / "space.yaml", d)
+    with pytest.raises(ConfigError, match="n_startup_trials"):
+        load_space(path)
+    space = load_space(path, stored=True)
+    assert space.tune.sampler == "nsga2" and space.tune.population_size >= 2
+
+    from ssam_tune.export.read import load_space_file
+
+    assert load_space_file(path).tune.sampler == "nsga2"

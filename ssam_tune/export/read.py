@@ -359,10 +359,10 @@ def load_space_file(path: Path):
     from ssam_tune.space import load_space
 
     try:
-        return load_space(path)
+        return load_space(path, stored=True)
     except ConfigError as err:
         if err.path != "data.root":
             raise
         raw = load_yaml(path)
         raw.setdefault("data", {})["download"] = True  # skips only the "directory not found" check
-        return load_space(path, data=raw)
+        return load_space(path, data=raw, stored=True)
