@@ -96,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
 def prepare(args) -> SearchSpace:
     """Load, override and validate; raises ConfigError. A dry run or a smoke run does not
     require the data directories to exist (a smoke run uses the embedded data)."""
-    space = load_space(args.space, check_paths=not (args.dry_run or args.smoke))
+    # resuming: the stored space.yaml is what runs; the YAML is read as leniently as a stored one
+    space = load_space(args.space, check_paths=not (args.dry_run or args.smoke), stored=bool(args.resume))
     if args.name is not None:
         if not NAME_RE.match(args.name) or ".." in args.name:
             raise ConfigError("--name", f"must be letters, digits, '_', '-' or '.' and stay inside results/; "

@@ -27,6 +27,7 @@ through :mod:`ssam_tune._private`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -45,6 +46,17 @@ __all__ = ["META", "SsamSearcher", "make_sampler", "sampler_seed"]
 log = logging.getLogger(__name__)
 META = "ssam_tune"  # key of the trial config that carries our bookkeeping
 _KEPT = ("epoch", "val_acc", "status")  # what the searcher keeps of a trial's last result
+
+
+def __getattr__(name: str):
+    """Experiments started by older versions pickled their scheduler and rung callback as
+    ``ssam_tune.search.AnchoredASHA`` / ``RungStateCallback`` (in ``tuner.pkl``): resolve
+    those names, now in :mod:`ssam_tune.schedulers`, so such experiments still resume."""
+    if name in ("AnchoredASHA", "RungStateCallback"):
+        from ssam_tune import schedulers
+
+        return getattr(schedulers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_sampler(kind: str, seed: int, n_startup: int, population_size: int | None = None):
@@ -109,7 +121,11 @@ class SsamSearcher(Searcher):
             t = self.space.tune
             study = open_study(self.journal_path, self.space.name, t.objective, t.flops_metric)
             seed = sampler_seed(t.seed, len(study.get_trials(deepcopy=False)))
-            study.sampler = make_sampler(t.sampler, seed, t.n_startup_trials, t.population_size)
+            # The anchors are COMPLETE trials of the study, and TPE counts every finished trial
+            # towards its start-up: add them, so n_startup_trials sampled trials are random.
+            # (A searcher pickled by an older version has no population_size: NSGA-II's 50.)
+            study.sampler = make_sampler(t.sampler, seed, t.n_startup_trials + len(t.baselines),
+                                         getattr(t, "population_size", None))
             self._study = study
         return self._study
 
@@ -156,12 +172,9 @@ class SsamSearcher(Searcher):
         if info is None:
             return
         info["last"] = self._kept(result)
+        self._first_sight(trial_id, info)
         if info["number"] is None:
             return
-        if trial_id not in self._checked:  # first result since this driver started
-            self._checked.add(trial_id)
-            if self._retried(info):
-                info["done"] = False
         if self.space.tune.objective == "single" and result.get("val_acc") is not None and \
                 result.get("epoch") is not None:
             # intermediate values show learning curves in optuna-dashboard
@@ -173,6 +186,8 @@ class SsamSearcher(Searcher):
         info = self._trials.get(trial_id)
         if info is None:
             return
+        if not error:
+            self._first_sight(trial_id, info)  # Ray skips on_trial_result for a result it stops on
         if info["done"]:
             return
         info["done"] = True
@@ -186,6 +201,17 @@ class SsamSearcher(Searcher):
 
     def _kept(self, result: dict) -> dict:
         return {k: result.get(k) for k in (*_KEPT, self.space.tune.flops_metric)}
+
+    def _first_sight(self, trial_id: str, info: dict) -> None:
+        """The first news of a trial since this driver started. A trial the searcher had
+        closed is being re-run (an errored trial, retried by ``--resume``): open it again, with
+        a fresh Optuna trial for a sampled one whose Optuna trial is FAIL."""
+        if trial_id in self._checked:
+            return
+        self._checked.add(trial_id)
+        if info["number"] is not None:
+            self._retried(info)
+        info["done"] = False
 
     def _retried(self, info: dict) -> bool:
         """Ray re-runs an errored trial on resume, but its Optuna trial was told FAIL: give it
@@ -227,8 +253,9 @@ class SsamSearcher(Searcher):
         values at full fidelity, FAIL otherwise. Its settings are in the user attributes: an
         anchor's method (SGD, say) is usually outside the searched distributions."""
         study = self.study
-        if any(t.user_attrs.get("ray_trial_id") == trial_id for t in study.get_trials(deepcopy=False)):
-            return
+        if any(t.user_attrs.get("ray_trial_id") == trial_id and t.user_attrs.get("status") != "errored"
+               for t in study.get_trials(deepcopy=False)):
+            return  # told already (an anchor that errored and was re-run is told again)
         label = info["config"][META]["label"]
         values = self._values(last)
         complete = not error and last.get("status") == "completed" and (last.get("epoch") or 0) >= \
@@ -251,6 +278,9 @@ class SsamSearcher(Searcher):
             state = pickle.load(fh)  # noqa: S301 - Ray's own searcher checkpoint, written by save()
         self.__dict__.update(state)
         self._study, self._checked = None, set()
+        for f in dataclasses.fields(self.space.tune):  # a searcher pickled by an older version
+            if not hasattr(self.space.tune, f.name):
+                setattr(self.space.tune, f.name, None if f.default is dataclasses.MISSING else f.default)
         self.reconcile()
 
     def reconcile(self) -> int:

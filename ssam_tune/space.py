@@ -120,6 +120,11 @@ class TuneSettings:
             return f"ASHA on val_acc only, {rungs}"
         return "none (every trial runs all epochs)"
 
+    def default_population(self, epochs: int) -> int:
+        """NSGA-II's default population: four generations of the full-fidelity trials the
+        budget yields, at least 2 and at most 50 (Optuna's own default)."""
+        return int(max(2, min(50, self.expected_full_runs(epochs) // 4)))
+
     def generations(self, epochs: int) -> int:
         """NSGA-II generations the budget fills (a generation closes after population_size
         COMPLETE trials; pruned and failed ones do not count)."""
@@ -354,8 +359,7 @@ def _parse_tune(raw: Any, epochs: int, stored: bool = False) -> TuneSettings:
                               f"must be between 1 and train.epochs ({epochs}), got {grace}")
         t.grace_period, t.reduction_factor = grace, float(cfg.scheduler.reduction_factor)
     if t.sampler == "nsga2" and t.population_size is None:
-        # aim at four generations of the full-fidelity trials the budget yields
-        t.population_size = int(max(2, min(50, t.expected_full_runs(epochs) // 4)))
+        t.population_size = t.default_population(epochs)
     if cfg.confirm is not None:
         seeds = cfg.confirm.seeds
         if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
@@ -520,6 +524,8 @@ def smoke(space: SearchSpace) -> SearchSpace:
     t.max_concurrent_trials = 2
     t.time_budget_s = None
     t.confirm_top_k, t.confirm_seeds = 0, []
+    if t.sampler == "nsga2":
+        t.population_size = t.default_population(s.epochs)
     if s.mode == "cases":
         s.cases = s.cases[:4]
         s.seeds = s.seeds[:1]

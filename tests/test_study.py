@@ -207,3 +207,56 @@ def test_a_space_stored_by_an_older_version_still_loads(tmp_path):
     from ssam_tune.export.read import load_space_file
 
     assert load_space_file(path).tune.sampler == "nsga2"
+
+
+def test_experiments_of_older_versions_resume(tmp_path):
+    """tuner.pkl of an older version names ssam_tune.search.AnchoredASHA / RungStateCallback,
+    and its searcher's settings lack population_size."""
+    import pickle
+
+    from ssam_tune import schedulers
+
+    for name in ("AnchoredASHA", "RungStateCallback"):
+        assert pickle.loads(f"cssam_tune.search\n{name}\n.".encode()) is getattr(schedulers, name)  # noqa: S301
+    space = make_space(tmp_path, sampler="nsga2")
+    old = SsamSearcher(space, Experiment(str(tmp_path)))
+    del old.space.tune.population_size
+    old.save(str(tmp_path / "searcher.pkl"))
+    again = SsamSearcher(make_space(tmp_path, sampler="nsga2"), Experiment(str(tmp_path)))
+    again.restore(str(tmp_path / "searcher.pkl"))
+    assert again.suggest("t1")["ssam_tune"]["kind"] == "search"
+    assert again.study.sampler.population_size == 50  # what older versions ran with
+
+
+def test_errored_anchor_rerun_on_resume_enters_the_study(tmp_path):
+    space = make_space(tmp_path, baselines=["sgd"])
+    exp = Experiment(str(tmp_path))
+    s = SsamSearcher(space, exp)
+    s.suggest("a")
+    s.on_trial_complete("a", None, error=True)
+    s.save(str(tmp_path / "searcher.pkl"))
+    again = SsamSearcher(space, exp)
+    again.restore(str(tmp_path / "searcher.pkl"))
+    again.on_trial_result("a", result(1, 0.3))
+    again.on_trial_complete("a", result(EPOCHS, 0.5, "completed"))
+    study = study_of(space, tmp_path)
+    assert [(t.state.name, t.user_attrs["status"]) for t in study.trials] == [("FAIL", "errored"),
+                                                                              ("COMPLETE", "completed")]
+    assert [t.user_attrs["label"] for t in study.best_trials] == ["sgd"]
+
+
+def test_errored_trial_stopped_at_its_first_result_after_resume_is_pruned(tmp_path):
+    """Ray does not pass a result it stops a trial on to the searcher: the retry must also
+    happen when only the completion arrives."""
+    space = make_space(tmp_path)
+    exp = Experiment(str(tmp_path))
+    s = SsamSearcher(space, exp)
+    s.suggest("t1")
+    s.on_trial_complete("t1", None, error=True)
+    s.save(str(tmp_path / "searcher.pkl"))
+    again = SsamSearcher(space, exp)
+    again.restore(str(tmp_path / "searcher.pkl"))
+    again.on_trial_complete("t1", result(1, 0.2))  # pruned at the first rung
+    old, new = study_of(space, tmp_path).trials
+    assert (old.state.name, old.user_attrs["status"]) == ("FAIL", "errored")
+    assert (new.state.name, new.user_attrs["status"], new.user_attrs["retry_of"]) == ("PRUNED", "pruned", 0)
