@@ -230,15 +230,12 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
         # After fit() every trial has finished, but Ray does not tell the searcher about the
         # trials a stopper or the time budget ended: settle them from their results.
         from ssam_tune.export import load_trials
-        from ssam_tune.study import open_study, settle
+        from ssam_tune.study import objective_values, open_study, settle
 
         t = space.tune
-        outcomes = {}
-        for row in load_trials(exp.root, t.flops_metric):
-            acc, cost = row.get("val_acc"), row.get(t.flops_metric)
-            values = None if acc is None else [acc] if t.objective == "single" else None if cost is None else \
-                [acc, cost]
-            outcomes[row["trial_id"]] = (row["status"], row["epochs_reached"], values)
+        outcomes = {row["trial_id"]: (row["status"], row["epochs_reached"],
+                                      objective_values(t.objective, row, t.flops_metric))
+                    for row in load_trials(exp.root, t.flops_metric)}
         settle(open_study(exp.journal_path(), space.name, t.objective, t.flops_metric), outcomes)
     info = export_experiment(exp.root, out)
     print(info["console"], flush=True)

@@ -39,7 +39,7 @@ from ray.tune.search import Searcher
 from ssam_tune import _private
 from ssam_tune.experiment import Experiment
 from ssam_tune.space import SearchSpace, baseline_params, resolve_config, sample_params
-from ssam_tune.study import close_orphans, open_study, record
+from ssam_tune.study import close_orphans, objective_values, open_study, record
 
 __all__ = ["META", "SsamSearcher", "make_sampler", "sampler_seed"]
 
@@ -241,12 +241,7 @@ class SsamSearcher(Searcher):
         record(self.study, number, status, epoch, values)
 
     def _values(self, last: dict) -> list[float] | None:
-        acc, cost = last.get("val_acc"), last.get(self.space.tune.flops_metric)
-        if acc is None:
-            return None
-        if self.space.tune.objective == "single":
-            return [float(acc)]
-        return None if cost is None else [float(acc), float(cost)]
+        return objective_values(self.space.tune.objective, last, self.space.tune.flops_metric)
 
     def add_baseline(self, trial_id: str, info: dict, last: dict, error: bool) -> None:
         """Put a finished anchor into the study (once, also across a resume), COMPLETE with its

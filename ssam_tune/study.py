@@ -13,7 +13,8 @@ import optuna
 
 from ssam_tune import _private
 
-__all__ = ["close_orphans", "directions", "metric_names", "open_study", "record", "settle"]
+__all__ = ["close_orphans", "directions", "metric_names", "objective_values", "open_study",
+           "record", "settle"]
 
 # a trial's status (as trials.csv says it) -> the Optuna state it is told
 STATES = {"completed": optuna.trial.TrialState.COMPLETE, "pruned": optuna.trial.TrialState.PRUNED,
@@ -50,6 +51,15 @@ def open_study(journal_path: str, name: str, objective: str, cost_metric: str | 
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(metric_names(objective, cost_metric))
     return study
+
+
+def objective_values(objective: str, metrics: dict, cost_metric: str) -> list[float] | None:
+    """A trial's values for the study from its metrics (a result or a trials.csv row): [val_acc]
+    or [val_acc, cost]; None when one is missing."""
+    acc, cost = metrics.get("val_acc"), metrics.get(cost_metric)
+    if acc is None or (objective == "multi" and cost is None):
+        return None
+    return [float(acc)] if objective == "single" else [float(acc), float(cost)]
 
 
 def record(study: optuna.Study, number: int, status: str, epochs_reached: int,

@@ -206,8 +206,8 @@ def console_text(space, rows: list[dict], front: list[dict], best: dict | None, 
         lines.append("no trial completed: nothing to select")
     else:
         rel = f", {best['flops_rel']:.2f}x SGD" if best.get("flops_rel") else ""
-        lines.append(f"best (val_acc): {best['label']} [{best.get('method.name')}"
-                     f"{'; ' + _fmt_hp(best, keys) if _fmt_hp(best, keys) else ''}] val_acc "
+        hp = _fmt_hp(best, keys)
+        lines.append(f"best (val_acc): {best['label']} [{best.get('method.name')}{'; ' + hp if hp else ''}] val_acc "
                      f"{fmt_pct(best['val_acc'])}, test_acc {fmt_pct(best.get('test_acc'))}{rel}")
     if front:
         lines.append(f"Pareto front (completed trials; val_acc max, {cost} min), cheapest first:")
