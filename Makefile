@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # resume): CI runs them a second time on the portable CPU kernels (no AVX2/AVX-512), because
 # users' CPUs round differently from the machine that wrote the tests.
 NUMERIC_TESTS := tests/test_optim.py tests/test_masks.py tests/test_flops.py tests/test_models.py \
-                 tests/test_methods.py tests/test_train.py
+                 tests/test_methods.py tests/test_train.py tests/test_structured.py tests/test_distributed.py
 
 .PHONY: venv quickstart test lint test-portable clean
 

@@ -23,6 +23,7 @@ How the timing scripts measure, and why:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import os
@@ -30,8 +31,9 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -175,3 +177,22 @@ def interleave(fns: dict[str, Callable[[], object]], rounds: int, device: str | 
 def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     """Median over rounds of times[a] / times[b] (paired: noise shared by a round cancels)."""
     return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+
+# ----------------------------------------------------------------------------- quiet Ray
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[TextIO]:
+    """Send fd 1 (Ray Tune's tables, worker logs, the searcher's console lines) to stderr while
+    the block runs; yields a file on the real stdout for the report's own lines."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    real = os.fdopen(os.dup(saved), "w")
+    try:
+        yield real
+    finally:
+        sys.stdout.flush()
+        real.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        real.close()

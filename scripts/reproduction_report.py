@@ -6,10 +6,15 @@ Reads the exported trial tables of the two experiments run with the suite itself
         --main results/reproduce_small --out results/reproduction
 
 and writes ``table.md`` (test accuracy at the final epoch, mean +- sample std over seeds;
-paired differences against SAM and against SGD with 95% t-intervals; FLOPs relative to SGD;
-seconds per epoch), ``rho_search.md``, ``accuracy_vs_flops.png`` and copies of both
-``trials.csv`` files. Selection (rho) uses validation accuracy only; test accuracy is only
-reported.
+paired differences against SAM and against SGD (``--refs``: other cases too) with 95%
+t-intervals; FLOPs relative to SGD; the perturbed fraction of weights; seconds per epoch),
+``rho_search.md``, ``accuracy_vs_flops.png`` (test accuracy against theoretical and against
+executed FLOPs) and copies of both ``trials.csv`` files. Selection (rho) uses validation
+accuracy only; test accuracy is only reported. The structured-sparsity check
+(results/structured/) is the same report:
+
+    python scripts/reproduction_report.py --rho results/reproduce_structured_rho \
+        --main results/reproduce_structured --out results/structured --refs sam,sgd,ssam_f50
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ def main() -> None:
     p.add_argument("--rho", required=True)
     p.add_argument("--main", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--refs", default="sam,sgd", help="cases to pair every case against (comma-separated)")
     args = p.parse_args()
+    refs = args.refs.split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(args.rho) / "trials.csv", out / "trials_rho_search.csv")
@@ -69,14 +76,16 @@ def main() -> None:
     for r in trials:
         by_case.setdefault(group(r["label"]), {})[seed_of(r)] = r
     sgd_flops = statistics.mean(float(r["flops_theoretical"]) for r in by_case["sgd"].values())
-    header = ("| case | n | test acc % (mean +- std) | vs SAM: diff [95% CI] | vs SGD: diff [95% CI] | "
-              "FLOPs theoretical (x SGD) | FLOPs executed (x SGD) | mask FLOPs (x SGD) | s / epoch |")
-    table = [header, "|" + "---|" * 9]
+    header = ("| case | n | test acc % (mean +- std) | "
+              + " | ".join(f"vs {ref}: diff [95% CI]" for ref in refs)
+              + " | perturbed fraction | FLOPs theoretical (x SGD) | FLOPs executed (x SGD) | mask FLOPs (x SGD) "
+              "| s / epoch |")
+    table = [header, "|" + "---|" * (8 + len(refs))]
     points = []
     for case, seeds in by_case.items():
         accs = [float(seeds[s]["test_acc"]) for s in sorted(seeds)]
         vs = {}
-        for ref in ("sam", "sgd"):
+        for ref in refs:
             common = sorted(set(seeds) & set(by_case.get(ref, {})))
             diffs = [float(seeds[s]["test_acc"]) - float(by_case[ref][s]["test_acc"]) for s in common]
             vs[ref] = "-" if case == ref else interval(diffs)
@@ -85,9 +94,11 @@ def main() -> None:
         mask = statistics.mean(float(r["flops_mask"] or 0) for r in seeds.values()) / sgd_flops
         sec = statistics.mean(float(r["train_seconds"]) / int(r["epochs_reached"]) for r in seeds.values())
         std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
-        table.append(f"| {case} | {len(accs)} | {100 * statistics.mean(accs):.2f} +- {100 * std:.2f} | {vs['sam']} | "
-                     f"{vs['sgd']} | {theo:.3f} | {exe:.3f} | {mask:.3f} | {sec:.1f} |")
-        points.append((case, theo, 100 * statistics.mean(accs), 100 * std))
+        density = statistics.mean(float(r["mask_density"] or 1) for r in seeds.values())
+        table.append(f"| {case} | {len(accs)} | {100 * statistics.mean(accs):.2f} +- {100 * std:.2f} | "
+                     + " | ".join(vs[ref] for ref in refs)
+                     + f" | {density:.3g} | {theo:.3f} | {exe:.3f} | {mask:.3f} | {sec:.1f} |")
+        points.append((case, theo, exe, 100 * statistics.mean(accs), 100 * std))
     (out / "table.md").write_text("\n".join(table) + "\n")
 
     import matplotlib
@@ -95,17 +106,19 @@ def main() -> None:
     from matplotlib.figure import Figure
 
     del matplotlib
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(12, 4.5))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for case, x, y, e in points:
-        ax.errorbar([x], [y], yerr=[0 if math.isnan(e) else e], fmt="o", capsize=4, label=case)
-        ax.annotate(case, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_xlabel("theoretical training FLOPs, multiple of SGD's (mask costs included)")
-    ax.set_ylabel("test accuracy at the final epoch (%), mean +- std over seeds")
-    ax.set_title("Reduced-scale CIFAR-10 sanity check (ResNet-18 x0.25, 5k images, 10 epochs)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    for k, kind in enumerate(("theoretical", "executed")):
+        ax = fig.add_subplot(1, 2, k + 1)
+        for case, theo, exe, y, e in points:
+            x = theo if kind == "theoretical" else exe
+            ax.errorbar([x], [y], yerr=[0 if math.isnan(e) else e], fmt="o", capsize=4, label=case)
+            ax.annotate(case, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.set_xlabel(f"{kind} training FLOPs, multiple of SGD's (mask costs included)")
+        ax.set_ylabel("test accuracy, final epoch (%): mean +- std")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Reduced-scale CIFAR-10 (ResNet-18 x0.25, 5k images, 10 epochs; seeds paired)")
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(out / "accuracy_vs_flops.png", dpi=120)
     print((out / "table.md").read_text())
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["asha_load_rungs", "asha_rungs", "optuna_set_intermediate", "optuna_set_user_attr",
-           "optuna_trial"]
+           "optuna_trial", "quiet_train_reports", "trial_restore_checkpoint", "trial_set_restore_checkpoint"]
 
 
 # -- Optuna: a trial addressed by number after its Trial object is gone (driver restart) ------
@@ -48,3 +48,29 @@ def asha_load_rungs(scheduler, state: dict) -> None:
         saved = dict(rungs)
         bracket._rungs = [(m, dict(saved.get(m, {}))) for m, _ in bracket._rungs]
     scheduler._num_stopped = state["num_stopped"]
+
+
+# -- Ray Tune: the checkpoint a restored trial will resume from --------------------------------
+def trial_restore_checkpoint(trial):
+    """The checkpoint Ray will restore ``trial`` from (``Trial.checkpoint``), or None."""
+    result = trial.latest_checkpoint_result
+    return None if result is None else result.checkpoint
+
+
+def trial_set_restore_checkpoint(trial, checkpoint) -> None:
+    """Make Ray restore ``trial`` from ``checkpoint`` (a ``ray.tune.Checkpoint``) instead."""
+    trial.latest_checkpoint_result.checkpoint = checkpoint
+
+
+# -- Ray Train: the worker's INFO line per report ----------------------------------------------
+def quiet_train_reports() -> str:
+    """``RunConfig(logging_config=LoggingConfig(log_level="WARNING"))`` for the line that
+    each worker logs per ``ray.train.report`` (the whole metrics dict): Ray Train 2.60 logs
+    it on a logger named by its module's file path, which its "ray.train" level filter does
+    not match. Returns the logger's name."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    return context.__file__

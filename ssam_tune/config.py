@@ -87,12 +87,22 @@ class TrainConfig:
     precision: str = _f("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 autocast on GPU
     channels_last: bool | None = _f(None)  # null: on GPU only
     max_steps_per_epoch: int | None = _f(None, lo=1)  # cap for smoke runs
+    # torch.compile the model's forward (and so its backward) for training and evaluation;
+    # weights, checkpoints and the step are those of the eager model (tests/test_structured.py)
+    compile: bool = _f(False)
     # Evaluate the test set every k epochs (0: only at the final epoch), and always at an epoch
     # with a new best validation accuracy (test_acc_at_best). Reported, never used to select.
     test_every: int = _f(1, lo=0, hi=100000)
+    # Multi-worker trials: BatchNorm statistics over the global batch (torch SyncBatchNorm,
+    # CUDA only). Off: each worker normalises with its share's statistics, and the running
+    # statistics are averaged over workers every epoch (ssam_tune/train.py).
+    sync_bn: bool = _f(False)
     # Fault injection for tests: the training loss is NaN from this global step on, so a
     # divergence does not depend on how a CPU rounds a huge learning rate (null: off).
     inject_nan_at_step: int | None = _f(None, lo=0)
+    # Fault injection for tests: the last worker process SIGKILLs itself at this global
+    # step, unless the run was resumed from a checkpoint (null: off).
+    inject_kill_at_step: int | None = _f(None, lo=0)
 
 
 @dataclass
@@ -100,7 +110,11 @@ class MethodConfig:
     name: str = _f("ssam_f", choices=tuple(METHODS))
     rho: float = _f(0.1, lo=0.0, hi=10.0)  # perturbation radius (Eq. 2)
     sparsity: float = _f(0.5, lo=0.0, hi=1.0, hi_open=True)  # fraction NOT perturbed
-    normalize: str = _f("full", choices=("full", "masked"))
+    # auto: full for element masks (the paper's), masked for tensor masks and SAM-ON, whose
+    # first pass then computes only the perturbed tensors' gradients (optim.SSAM.first_pass)
+    normalize: str = _f("auto", choices=("auto", "full", "masked"))
+    granularity: str = _f("element", choices=("element", "tensor"))  # whole tensors perturbed
+    tensor_score: str = _f("per_flop", choices=("per_flop", "mean", "total"))  # SSAM-F tensor ranking (masks.py)
     T_m: int = _f(1, lo=1, hi=100000)  # mask refresh interval (Alg. 1)
     mask_unit: str = _f("epoch", choices=("epoch", "step"))
     fixed_mask: bool = _f(False)  # Table 9 "fixed": build once, never refresh
@@ -134,6 +148,10 @@ COST_METRICS = {"theoretical": "flops_theoretical", "executed": "flops_executed"
 # auto: mo_asha under objective multi (non-dominated ranking keeps the cheap end of the
 # front), asha (Ray's, on validation accuracy) under objective single.
 SCHEDULERS = ("auto", "mo_asha", "asha", "none")
+# Checkpoints of finished trials: "front" keeps those of the Pareto front and the best trial
+# (deleted as soon as a trial is pruned or diverges, the rest after the export); "all" keeps
+# every trial's last keep_checkpoints.
+RETAIN = ("front", "all")
 
 
 @dataclass
@@ -145,8 +163,11 @@ class SchedulerConfig:
 
 @dataclass
 class ResourcesConfig:
+    # workers > 1: a data-parallel trial on Ray Train, cpu and gpu per worker
+    workers: int = _f(1, lo=1, hi=4096)
     cpu: float = _f(1.0, lo=0.0, lo_open=True)
-    gpu: float = _f(0.0, lo=0.0, hi=1.0, help="a fraction of one GPU per trial")
+    gpu: float = _f(0.0, lo=0.0, hi=1.0,
+                    help="a fraction of one GPU per worker; more GPUs per trial: tune.resources.workers")
 
 
 @dataclass
@@ -172,6 +193,7 @@ class TuneConfig:
     storage_path: str | None = _f(None)
     max_failures: int = _f(2, lo=0)
     keep_checkpoints: int = _f(2, lo=1, hi=2, help="bounded disk use")
+    retain_checkpoints: str = _f("front", choices=RETAIN)
     confirm: ConfirmConfig | None = _f(None)
 
 

@@ -512,16 +512,44 @@ def load_dataset(name: str = "embedded", root: str | None = None, download: bool
                 train.mean, train.std, augment)
 
 
+class _RankShares:
+    """Batches of indices: rank ``rank``'s share of each global batch of ``batch_size``
+    (a batch sampler). Every rank draws the same global order from the same seeded
+    generator and loads only its share."""
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool, rank: int, world: int) -> None:
+        from torch.utils.data import BatchSampler
+
+        self.batches = BatchSampler(sampler, batch_size, drop_last)
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        from ssam_tune.distributed import share
+
+        for batch in self.batches:
+            index = share(len(batch), self.rank, self.world)
+            yield batch[index.start:index.stop]
+
+
 def make_dataloader(dataset: Any, batch_size: int, *, shuffle: bool = False,
                     generator: torch.Generator | None = None, num_workers: int = 4,
-                    drop_last: bool = False, pin_memory: bool = False) -> Any:
+                    drop_last: bool = False, pin_memory: bool = False, rank: int = 0, world: int = 1) -> Any:
     """A torch ``DataLoader`` for the ImageFolder path (``Data.in_memory`` false).
 
     ``generator`` seeds the shuffle order and the workers' base seed, so the epoch order
-    is reproducible; per-image augmentation randomness lives in the worker processes.
+    is reproducible; per-image augmentation randomness lives in the worker processes. With
+    ``world`` > 1 each batch is rank ``rank``'s share of the global batch of ``batch_size``.
     """
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
+    if world == 1:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
+                          persistent_workers=num_workers > 0)
+    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    return DataLoader(dataset, batch_sampler=_RankShares(sampler, batch_size, drop_last, rank, world),
+                      generator=generator, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0)

@@ -5,10 +5,12 @@ An experiment lives at ``<storage>/<name>``, where storage is a local folder (de
 ``file:///...``), as Ray Tune's own storage does. Its layout::
 
     space.yaml                the resolved search space (written once, before Ray starts)
-    optuna.journal            the Optuna study (local storage; see :meth:`Experiment.journal_path`)
+    optuna.journal            the Optuna study (the live file on local storage; for a URI, the
+                              copy uploaded with Ray's experiment state: :meth:`Experiment.journal_path`)
     asha_rungs.json           a readable copy of ASHA's rungs
     tuner.pkl, experiment_state-*.json, trial_<id>/...   Ray Tune's own files
-    checkpoints/<trial id>/   the trial's own last two checkpoints (local storage)
+    trial_<id>/checkpoint_*/  Ray's checkpoints of a trial (its last tune.keep_checkpoints)
+    checkpoints/<trial id>/   the trial's own newest checkpoint while it runs (local storage)
 
 Every other module asks this one for a path; nothing else tests for ``"://"``. Local files
 are written atomically (a temporary file in the same folder, then ``os.replace``), object
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +38,13 @@ RUNGS_FILE = "asha_rungs.json"
 TUNER_FILE = "tuner.pkl"
 CHECKPOINTS_DIR = "checkpoints"
 TRIAL_PREFIX = "trial_"
+RAY_CHECKPOINT_PREFIX = "checkpoint_"  # Ray's checkpoint folders inside a trial's folder
 STATE_PREFIX = "experiment_state-"
+# Ray 2.60 stores each trial as a JSON string (indent 2) inside its state file: the trial's own
+# id and status are top-level keys of that string, in the file \n  \"trial_id\": \"<id>\" and,
+# further on, \n  \"status\": \"RUNNING\" (the keys of nested objects are indented further).
+_STATE_KEY = re.compile(r'\\n  \\"(trial_id|status)\\": \\"([^"\\]+)\\"')
+_STATE_CHUNK = 1 << 22  # bytes of a state file read at a time
 # Where the Optuna journal of a URI experiment lives: a journal needs a POSIX file lock.
 JOURNAL_CACHE = Path("~/.cache/ssam_tune/optuna")
 
@@ -172,14 +181,19 @@ class Experiment:
 
     def write_text(self, rel: str, text: str) -> None:
         """Write one file of the experiment (atomically on local storage)."""
+        self.write_bytes(rel, text.encode())
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write one file of the experiment (atomically on local storage; an object store
+        makes the object visible whole when the stream closes)."""
         if self.is_local:
-            atomic_write(self.path / rel, text)
+            atomic_write(self.path / rel, data)
             return
         filesystem, root = self._fs()
         parent = f"{root}/{rel}".rsplit("/", 1)[0]
         filesystem.create_dir(parent, recursive=True)
         with filesystem.open_output_stream(f"{root}/{rel}") as dst:
-            dst.write(text.encode())
+            dst.write(data)
 
     def make(self) -> None:
         """Create the folder (a no-op on object stores, which have no folders)."""
@@ -193,12 +207,63 @@ class Experiment:
         overwrite it)."""
         return self.exists(TUNER_FILE)
 
-    def journal_path(self) -> str:
-        """The local path of the Optuna journal: inside the folder on local storage; for a
-        URI, a per-experiment file under ``~/.cache/ssam_tune/optuna`` keyed by the whole URI
-        (a journal needs a file lock, which object stores do not offer)."""
+    @property
+    def resumable(self) -> bool:
+        """Whether Ray saved a state to resume from: a driver killed in its first seconds
+        leaves ``tuner.pkl`` without one, and Ray would then restart it in a broken way."""
+        return self.started and self.state_file() is not None
+
+    def state_file(self) -> str | None:
+        """Ray's newest experiment state file (its name), the one a resumed driver restores."""
+        if self.is_local:
+            names = [p.name for p in self.path.glob(f"{STATE_PREFIX}*.json")]
+        else:
+            from pyarrow import fs as pafs
+
+            filesystem, root = self._fs()
+            names = [i.base_name for i in filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))]
+        return max((n for n in names if n.startswith(STATE_PREFIX) and n.endswith(".json")), default=None)
+
+    def trial_statuses(self) -> dict[str, str]:
+        """Trial id -> status (PENDING, RUNNING, TERMINATED, ERROR, ...) in Ray's newest
+        experiment state here: what a driver resumed now would restore. Empty without one.
+
+        Ray writes its state to a local staging folder and uploads it in the background, file
+        by file; only this copy tells what a resumed driver will run. The file holds ~50 KB
+        per trial: it is scanned 4 MiB at a time, never parsed whole."""
+        name = self.state_file()
+        if name is None:
+            return {}
+        if self.is_local:
+            stream = open(self.path / name, "rb")  # noqa: SIM115 - closed by the with below
+        else:
+            filesystem, root = self._fs()
+            stream = filesystem.open_input_stream(f"{root}/{name}")
+        statuses: dict[str, str] = {}
+        trial_id, tail = None, ""
+        with stream:
+            while chunk := stream.read(_STATE_CHUNK):
+                text = tail + chunk.decode("utf-8", errors="replace")
+                for m in _STATE_KEY.finditer(text):  # a trial's status follows its id
+                    if m.group(1) == "trial_id":
+                        trial_id = m.group(2)
+                    elif trial_id is not None:
+                        statuses[trial_id] = m.group(2)
+                tail = text[-80:]  # a key cut by the chunk boundary is found in the next round
+        return statuses
+
+    def journal_path(self, key: str | None = None) -> str:
+        """The local path of the Optuna journal. On local storage: inside the folder. For a
+        URI (a journal needs a file lock, which object stores do not offer): the driver's
+        working copy ``~/.cache/ssam_tune/optuna/<name>-<key>.journal``, where ``key`` is the
+        experiment's own random key (the searcher's), so experiments never share a study even
+        with the same name or URI. The copy travels with the experiment inside the searcher
+        state Ray saves, and as ``optuna.journal`` next to it (see ``SsamSearcher.save``).
+        Without a key: the file older versions used, keyed by the whole URI."""
         if self.is_local:
             return str(self.path / JOURNAL_FILE)
+        if key is not None:
+            return str(JOURNAL_CACHE.expanduser() / f"{self.name}-{key}.journal")
         digest = hashlib.sha256(self.root.encode()).hexdigest()[:16]
         path = JOURNAL_CACHE.expanduser() / f"{self.name}-{digest}.journal"
         legacy = JOURNAL_CACHE.expanduser() / f"{self.name}.journal"  # written before the URI key
@@ -208,6 +273,45 @@ class Experiment:
         """The trial's own checkpoint folder (local storage only; with a URI only Ray's
         checkpoints exist)."""
         return self.path / CHECKPOINTS_DIR / trial_id if self.is_local else None
+
+    def train_run(self, trial_id: str) -> tuple[str, str]:
+        """(storage_path, name) of a multi-worker trial's Ray Train run: the trial's own
+        folder, so the run's ``checkpoint_*`` folders are the trial's checkpoints (listed,
+        pruned and deleted as Ray Tune's are) and a re-run trial resumes its run from them."""
+        return self.root, f"{TRIAL_PREFIX}{trial_id}"
+
+    def trial_checkpoints(self, trial_id: str) -> list[str]:
+        """Ray's checkpoint folders of a trial, relative to the experiment."""
+        rel = f"{TRIAL_PREFIX}{trial_id}"
+        if self.is_local:
+            folder = self.path / rel
+            return [f"{rel}/{d.name}" for d in sorted(folder.glob(f"{RAY_CHECKPOINT_PREFIX}*")) if d.is_dir()]
+        from pyarrow import fs as pafs
+
+        filesystem, root = self._fs()
+        try:
+            infos = filesystem.get_file_info(pafs.FileSelector(f"{root}/{rel}", allow_not_found=True))
+        except OSError:
+            return []
+        return sorted(f"{rel}/{i.base_name}" for i in infos
+                      if i.type == pafs.FileType.Directory and i.base_name.startswith(RAY_CHECKPOINT_PREFIX))
+
+    def delete_checkpoints(self, trial_id: str, keep_newest: bool = False) -> int:
+        """Delete the checkpoints of a finished trial: its own copy, and Ray's (all of them,
+        or all but the newest with ``keep_newest``); returns how many of Ray's were deleted.
+        Results and params stay."""
+        gone = self.trial_checkpoints(trial_id)  # checkpoint_<zero-padded index>: sorted oldest first
+        gone = gone[:-1] if keep_newest else gone
+        for rel in gone:
+            if self.is_local:
+                shutil.rmtree(self.path / rel, ignore_errors=True)
+            else:
+                filesystem, root = self._fs()
+                filesystem.delete_dir(f"{root}/{rel}")
+        own = self.checkpoint_dir(trial_id)
+        if own is not None:
+            shutil.rmtree(own, ignore_errors=True)
+        return len(gone)
 
     def fetch_small_files(self, dest: Path) -> Path:
         """A local folder with the files the exports read: the folder itself when local; for

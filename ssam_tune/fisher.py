@@ -11,6 +11,7 @@ into SSAM-F's mask (Eq. 6).
 from __future__ import annotations
 
 import copy
+import types
 from collections.abc import Callable
 
 import torch
@@ -43,7 +44,18 @@ class _Unsupported(Exception):
     """The per-layer path cannot handle this model; use the torch.func path."""
 
 
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def local_batchnorm_(module: nn.Module) -> nn.Module:
+    """Run ``module``'s SyncBatchNorm layers as plain BatchNorm (this process's batch only,
+    no collective), in place; for copies that score or measure a model (Fisher scores,
+    FLOPs counts on the meta device), whose SyncBatchNorm would otherwise need CUDA and the
+    other ranks."""
+    for m in module.modules():
+        if isinstance(m, nn.SyncBatchNorm):
+            m.forward = types.MethodType(nn.modules.batchnorm._BatchNorm.forward, m)
+    return module
 
 
 def _supported(module: nn.Module) -> bool:
@@ -284,7 +296,9 @@ def fisher_scores(
         work = copy.deepcopy(model)
         for p in work.parameters():
             p.grad = None
-        return work.train(bn == "per_sample")
+        # Fisher scores never need other ranks' statistics (each sample alone, or running
+        # statistics): plain BatchNorm, no collective (data-parallel trials)
+        return local_batchnorm_(work).train(bn == "per_sample")
 
     d = sum(p.numel() for p in originals)
     result = None

@@ -14,8 +14,13 @@ Two kinds of numbers are reported, and they must not be confused:
   layer needs no input gradient) the same formula gives 1.667x / 1.400x / 1.340x, which is
   what the suite reports. Even perfect sparse kernels would skip only the weight-gradient
   half of B, since input gradients must still flow, so both are optimistic.
-* **executed** -- what dense hardware actually does: a masked SSAM step computes a full
-  SAM step (two dense forward+backward passes), 2x SGD whatever the sparsity.
+* **executed** -- what the step's two passes actually run. With element masks (or
+  ``normalize: full``) the pass at w computes every gradient, so a masked SSAM step costs a
+  full SAM step, 2x SGD whatever the sparsity. With tensor masks and ``normalize: masked``
+  (and SAM-ON) the pass at w runs with gradients only for the perturbed tensors
+  (:meth:`ssam_tune.optim.SSAM.first_pass`): its backward B_1 is measured with exactly that
+  requires-grad set (:func:`forward_backward_flops` with ``frozen``), and a step costs
+  (F + B_1) + (F + B).
 
 F and B are measured per sample with :class:`torch.utils.flop_counter.FlopCounterMode`
 (which counts matmuls and convolutions, forward and backward; one multiply-add = 2 FLOPs;
@@ -33,12 +38,14 @@ import torch
 import torch.nn.functional as nnF
 from torch.utils.flop_counter import FlopCounterMode
 
+from ssam_tune.fisher import local_batchnorm_
 from ssam_tune.methods import method as method_row
 
 __all__ = [
     "KINDS",
     "PAPER_BACKWARD_SHARE",
     "FlopsModel",
+    "backward_flops_per_tensor",
     "clear_cache",
     "dynamic_mask_flops",
     "fisher_mask_flops",
@@ -59,9 +66,9 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def _signature(model: torch.nn.Module, input_shape: tuple) -> tuple:
+def _signature(model: torch.nn.Module, input_shape: tuple, frozen: frozenset) -> tuple:
     params = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
-    return (type(model).__name__, params, input_shape)
+    return (type(model).__name__, params, input_shape, frozen)
 
 
 def _count(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
@@ -82,7 +89,7 @@ def _count(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
 
 def forward_backward_flops(model: torch.nn.Module, input_shape, *, device=None,
-                           batch_size: int = 2) -> tuple[float, float]:
+                           batch_size: int = 2, frozen=()) -> tuple[float, float]:
     """Measured per-SAMPLE forward FLOPs F and backward FLOPs B of ``model``.
 
     ``input_shape`` is the shape of ONE sample without the batch dimension, e.g.
@@ -100,8 +107,12 @@ def forward_backward_flops(model: torch.nn.Module, input_shape, *, device=None,
     only, no arithmetic: fast even for large models); if a layer has no meta kernel it is
     rerun on the model's own device. Pass ``device`` to run on that device instead.
 
-    Results are cached per (class name, parameter names and shapes, input shape). Hooks
-    registered on the model are copied with it and run during the measurement.
+    ``frozen``: names (as in ``named_parameters``) of parameters that do not require a
+    gradient in the pass, as in SSAM's pass at w with tensor masks: their weight-gradient
+    kernels are not run, and backward stops at the earliest parameter that still needs one.
+
+    Results are cached per (class name, parameter names and shapes, input shape, frozen).
+    Hooks registered on the model are copied with it and run during the measurement.
     """
     try:
         input_shape = tuple(int(v) for v in input_shape)
@@ -113,7 +124,11 @@ def forward_backward_flops(model: torch.nn.Module, input_shape, *, device=None,
     if not isinstance(batch_size, int) or batch_size < 2:
         raise ValueError(f"batch_size must be an int >= 2 (train-mode BatchNorm), "
                          f"got batch_size={batch_size!r}")
-    key = _signature(model, input_shape)
+    frozen = frozenset(frozen)
+    unknown = frozen - {n for n, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(f"frozen names no parameter of the model: {sorted(unknown)[:3]}")
+    key = _signature(model, input_shape, frozen)
     if key in _CACHE:
         return _CACHE[key]
 
@@ -122,8 +137,11 @@ def forward_backward_flops(model: torch.nn.Module, input_shape, *, device=None,
     own_device = first.device if first is not None else torch.device("cpu")
     targets = [torch.device(device)] if device is not None else [torch.device("meta"), own_device]
     for i, dev in enumerate(targets):
-        clone = copy.deepcopy(model).to(dev)
+        clone = local_batchnorm_(copy.deepcopy(model).to(dev))  # SyncBatchNorm: no collective
         clone.zero_grad(set_to_none=True)
+        for name, p in clone.named_parameters():
+            if name in frozen:
+                p.requires_grad_(False)
         x = torch.zeros((batch_size,) + input_shape, dtype=dtype, device=dev)
         try:
             f_total, b_total = _count(clone, x)
@@ -136,6 +154,20 @@ def forward_backward_flops(model: torch.nn.Module, input_shape, *, device=None,
     result = (f_total / batch_size, b_total / batch_size)
     _CACHE[key] = result
     return result
+
+
+def backward_flops_per_tensor(model: torch.nn.Module, input_shape, *, batch_size: int = 2) -> dict[str, float]:
+    """For each parameter, the per-sample backward FLOPs of a pass in which only that
+    parameter requires a gradient: its weight-gradient kernel plus every input gradient
+    between the loss and its layer. SSAM-F's ``tensor_score: per_flop`` divides a tensor's
+    Fisher information by it. Measured on one meta-device copy (shapes only)."""
+    input_shape = tuple(int(v) for v in input_shape)
+    names = [n for n, _ in model.named_parameters()]
+    # One copy without data; forward_backward_flops's own copy of it per tensor costs nothing
+    # (the cache key is the same as the model's: class, parameter names and shapes).
+    meta = copy.deepcopy(model).to("meta")
+    return {n: forward_backward_flops(meta, input_shape, batch_size=batch_size,
+                                      frozen=[m for m in names if m != n])[1] for n in names}
 
 
 def _check_method(method):
@@ -238,6 +270,16 @@ class FlopsModel:
         """Measure ``F``, ``B`` with :func:`forward_backward_flops` (``kw`` passed on)."""
         f, b = forward_backward_flops(model, input_shape, **kw)
         return cls(F=f, B=b, batch_size=batch_size)
+
+    def executed_per_sample(self, method: str, first_backward: float | None = None) -> float:
+        """FLOPs per sample of one step as its passes run: F + B for SGD; (F + B_1) + (F + B)
+        for a perturbing method, B_1 being the measured backward of the pass at w (None: the
+        full B, as with element masks)."""
+        row = _check_method(method)
+        if not row.perturbs:
+            return self.F + self.B
+        b1 = self.B if first_backward is None else first_backward
+        return 2.0 * self.F + b1 + self.B
 
     def step_cost(self, method: str, sparsity: float = 0.0, kind: str = "theoretical") -> float:
         """:func:`step_cost` with this model's ``F`` and ``B``."""

@@ -11,9 +11,11 @@ Cost rules (relative to one SGD step = one forward F + one backward B):
 
 - ``"one_pass"``: SGD, 1.
 - ``"two_passes"``: SAM, 2 (gradient at w, then at w + e; Eq. 2-3).
-- ``"sparse_first_backward"``: SSAM, the paper's idealisation (footnote to Tables 1-3): only
-  the first backward (the gradient at w that builds e) is sparse, 1 + (F + (1 - s) B)/(F + B).
-  Executed on dense hardware it is 2, like SAM.
+- ``"sparse_first_backward"``: SSAM and SAM-ON, the paper's idealisation (footnote to
+  Tables 1-3): only the first backward (the gradient at w that builds e) is sparse,
+  1 + (F + (1 - s) B)/(F + B). Executed, the step costs what its two passes run
+  (:mod:`ssam_tune.flops`): 2 with element masks on dense hardware, less when whole tensors
+  are left out of the first pass (tensor granularity, SAM-ON).
 
 Pure data: importing this module imports nothing heavy.
 """
@@ -25,11 +27,11 @@ from dataclasses import dataclass
 __all__ = ["COST_RULES", "MASK_KINDS", "METHODS", "Method", "SPARSE_METHODS", "applies", "method"]
 
 COST_RULES = ("one_pass", "two_passes", "sparse_first_backward")
-MASK_KINDS = ("fisher", "dynamic", "random")
+MASK_KINDS = ("fisher", "dynamic", "random", "norm")
 
 # method.* keys shared by every perturbing method, and by every masked one.
 _SAM_KEYS = ("rho", "bn_second_pass")
-_MASK_KEYS = ("sparsity", "T_m", "normalize", "mask_unit", "fixed_mask")
+_MASK_KEYS = ("sparsity", "granularity", "T_m", "normalize", "mask_unit", "fixed_mask")
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,8 @@ class Method:
 
     ``keys``: the ``method.*`` keys (without the section) the method reads; a search samples
     only these and the exports show only these. ``mask``: the mask kind of a sparse method
-    (fisher: SSAM-F, Eq. 5; dynamic: SSAM-D, Eq. 7-9; random), None for dense methods.
+    (fisher: SSAM-F, Eq. 5; dynamic: SSAM-D, Eq. 7-9; random; norm: SAM-ON's fixed mask of
+    the normalization layers), None for dense methods.
     """
 
     name: str
@@ -59,12 +62,15 @@ class Method:
 METHODS: dict[str, Method] = {
     "sgd": Method("sgd", "SGD", (), "one_pass"),
     "sam": Method("sam", "SAM", _SAM_KEYS, "two_passes"),
-    "ssam_f": Method("ssam_f", "SSAM-F", _SAM_KEYS + _MASK_KEYS + ("N_F", "fisher_bn"),
+    "ssam_f": Method("ssam_f", "SSAM-F", _SAM_KEYS + _MASK_KEYS + ("N_F", "fisher_bn", "tensor_score"),
                      "sparse_first_backward", "fisher"),
     "ssam_d": Method("ssam_d", "SSAM-D", _SAM_KEYS + _MASK_KEYS + ("alpha", "drop"),
                      "sparse_first_backward", "dynamic"),
     "ssam_random": Method("ssam_random", "SSAM random mask", _SAM_KEYS + _MASK_KEYS,
                           "sparse_first_backward", "random"),
+    # Mueller et al., NeurIPS 2023: perturb only the normalization layers, e normalised over
+    # them (||e|| = rho); the sparsity is the model's, not a key.
+    "sam_on": Method("sam_on", "SAM-ON", _SAM_KEYS, "sparse_first_backward", "norm"),
 }
 SPARSE_METHODS = tuple(name for name, m in METHODS.items() if m.sparse)
 # Every method.* key that some method uses; "name" is the one every method has.

@@ -147,6 +147,8 @@ class SAM(torch.optim.Optimizer):
         params_all = [p for _, ps in groups for p in ps]
         if not params_all:
             self._perturbed, self._backups, self.last_e_norm = [], [], None
+            if zero_grad:  # the pass at w + e must not add to these gradients
+                self.zero_grad()
             return
         grads = [p.grad for p in params_all]
         norms = self._stack_norms(grads)
@@ -180,11 +182,17 @@ class SAM(torch.optim.Optimizer):
             )
         closure = torch.enable_grad()(closure)
         self.zero_grad()
-        loss = closure()
+        with self.first_pass():
+            loss = closure()
         self.first_step(zero_grad=True)
         closure()
         self.second_step()
         return loss
+
+    def first_pass(self):
+        """Context for the forward and backward at w. SAM needs every gradient there; see
+        :meth:`SSAM.first_pass` for what a sparse perturbation can skip."""
+        return contextlib.nullcontext()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -219,6 +227,9 @@ class SSAM(SAM):
       g the whole gradient, then masked, so ||e|| <= rho. ``"masked"``: e = rho * (g * m) /
       ||g * m||, so ||e|| = rho (as SAM-ON does).
     - Until masks are set, SSAM perturbs every weight, i.e. it is SAM.
+    - ``granularity="tensor"``: :meth:`set_masks_from_scores`, :meth:`dynamic_update` build
+      whole-tensor masks (:mod:`ssam_tune.masks`); with ``normalize="masked"`` the pass at w
+      then needs only the perturbed tensors' gradients (:meth:`first_pass`).
 
     Masks are bool tensors, one per parameter in param_groups order, kept on the
     parameter's device; they are part of :meth:`state_dict`. For the step itself a 0/1 copy
@@ -236,17 +247,28 @@ class SSAM(SAM):
         rho: float = 0.05,
         sparsity: float = 0.5,
         normalize: str = "full",
+        granularity: str = "element",
+        tensor_score: str = "per_flop",
         eps: float = 1e-7,
         **base_kwargs,
     ) -> None:
+        from ssam_tune.masks import GRANULARITIES, TENSOR_SCORES
+
         self.sparsity = _check_sparsity(sparsity)
         if normalize not in NORMALIZE_MODES:
             raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got normalize={normalize!r}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got granularity={granularity!r}")
+        if tensor_score not in TENSOR_SCORES:
+            raise ValueError(f"tensor_score must be one of {TENSOR_SCORES}, got tensor_score={tensor_score!r}")
         self.normalize = normalize
+        self.granularity = granularity
+        self.tensor_score = tensor_score
         super().__init__(params, base_optimizer, rho=rho, eps=eps, **base_kwargs)
         self._masks: list[torch.Tensor] | None = None
         self._mask_of: dict[torch.Tensor, torch.Tensor] = {}
         self._mask_cast: dict[torch.Tensor, tuple] = {}  # p -> (mask version, mask in grad dtype)
+        self._empty: tuple[tuple[int, ...], list[torch.Tensor]] | None = None  # (mask versions, empty)
 
     # -- masks -----------------------------------------------------------------------------
     def params(self) -> list[torch.Tensor]:
@@ -260,6 +282,7 @@ class SSAM(SAM):
     def set_masks(self, masks: list[torch.Tensor] | None) -> None:
         """Install masks (one per parameter, in param_groups order); None removes them."""
         self._mask_cast = {}
+        self._empty = None
         if masks is None:
             self._masks, self._mask_of = None, {}
             return
@@ -276,14 +299,17 @@ class SSAM(SAM):
         self._masks = out
         self._mask_of = dict(zip(params, out, strict=True))
 
-    def set_masks_from_scores(self, scores: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> None:
+    def set_masks_from_scores(self, scores: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+                              costs: Sequence[float] | None = None) -> None:
         """Keep the top floor((1 - sparsity) * d) scores globally (SSAM-F, Eq. 6).
 
         ``scores[i]`` belongs to ``params[i]`` (for :func:`~ssam_tune.masks.fisher_scores`,
         ``list(model.parameters())``); the scores are matched to this optimizer's parameters
         by identity, so a param_groups order that differs from the model's cannot misplace
-        them. ``params`` must hold each of the optimizer's parameters exactly once."""
-        from ssam_tune.masks import topk_mask
+        them. ``params`` must hold each of the optimizer's parameters exactly once. With
+        ``granularity="tensor"`` whole tensors are chosen (:func:`~ssam_tune.masks.tensor_topk_mask`
+        by ``tensor_score``; ``costs[i]``, for ``params[i]``, is needed by ``"per_flop"``)."""
+        from ssam_tune.masks import tensor_topk_mask, topk_mask
 
         scores, params = list(scores), list(params)
         if len(scores) != len(params):
@@ -293,18 +319,25 @@ class SSAM(SAM):
         if len(by_param) != len(params) or set(by_param) != set(mine):
             raise ValueError("params must hold each of the optimizer's parameters exactly once "
                              f"(got {len(params)} tensors for {len(mine)} parameters)")
-        self.set_masks(topk_mask([by_param[p] for p in mine], self.sparsity))
+        ordered = [by_param[p] for p in mine]
+        if self.granularity == "tensor":
+            cost_of = None if costs is None else dict(zip(params, costs, strict=True))
+            self.set_masks(tensor_topk_mask(ordered, self.sparsity, self.tensor_score,
+                                            None if cost_of is None else [cost_of[p] for p in mine]))
+        else:
+            self.set_masks(topk_mask(ordered, self.sparsity))
 
     def dynamic_update(self, t: float, total: float, *, alpha: float = 0.5, strategy: str = "flattest",
                        generator: torch.Generator | None = None) -> None:
         """SSAM-D mask update (Eq. 7-9) from the current gradients at w (call before first_step)."""
-        from ssam_tune.masks import dynamic_mask_update
+        from ssam_tune.masks import dynamic_mask_update, tensor_dynamic_update
 
         if self._masks is None:
             raise ValueError("dynamic_update needs an initial mask: call set_masks(random_mask(...)) first")
         params = self.params()
         grads = [p.grad for p in params]
-        self.set_masks(dynamic_mask_update(self._masks, grads, sparsity=self.sparsity, t=t, total=total,
+        update = tensor_dynamic_update if self.granularity == "tensor" else dynamic_mask_update
+        self.set_masks(update(self._masks, grads, sparsity=self.sparsity, t=t, total=total,
                                            alpha=alpha, strategy=strategy, generator=generator))
 
     def _masks_like(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -323,6 +356,47 @@ class SSAM(SAM):
             out.append(m)
         return out
 
+    def skipped(self) -> list[torch.Tensor]:
+        """The parameters whose gradient at w the perturbation does not use: those with an
+        all-False mask, when ``normalize="masked"`` (with ``"full"``, ||g|| needs every
+        gradient). Empty while no masks are set, and when no parameter would be left."""
+        if self._masks is None or self.normalize != "masked":
+            return []
+        params = self.params()
+        empty = [p for p in self._unperturbed() if p.requires_grad]
+        if len(empty) == sum(p.requires_grad for p in params):
+            return []  # nothing would need a gradient: keep the pass as it is
+        return empty
+
+    def _unperturbed(self) -> list[torch.Tensor]:
+        """Parameters whose mask is all False (one device sync per new mask)."""
+        versions = tuple(m._version for m in self._masks)
+        if self._empty is None or self._empty[0] != versions:
+            device = self._masks[0].device
+            anys = torch.stack([m.any().to(device) for m in self._masks]).tolist()
+            self._empty = (versions, [p for p, a in zip(self.params(), anys, strict=True) if not a])
+        return self._empty[1]
+
+    @contextlib.contextmanager
+    def first_pass(self):
+        """Run the forward and backward at w inside this block: parameters the perturbation
+        does not touch (:meth:`skipped`) stop requiring gradients until the block ends, so
+        autograd skips their weight-gradient kernels and backward stops at the earliest
+        perturbed layer. The gradients it computes, and so e, BatchNorm's running statistics
+        and the step, are those of the full pass (tests/test_structured.py, in float64);
+        the skipped parameters' ``grad`` stays None. Masks must be the ones
+        :meth:`first_step` will use: an SSAM-D update that reads this pass's gradients must
+        run the pass in full.
+        """
+        frozen = self.skipped()
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield self
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
     # -- the first phase, masked --------------------------------------------------------------
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -330,9 +404,17 @@ class SSAM(SAM):
         if self._masks is None:
             return super().first_step(zero_grad)
         groups = self._grad_params()
+        if self.normalize == "masked":
+            # Tensors with an all-False mask add nothing to e or to ||g * m||: leave them out,
+            # so a pass that computed their gradients and one that skipped them
+            # (first_pass) compute e from the same numbers, in the same order.
+            empty = {id(p) for p in self._unperturbed()}
+            groups = [(g, [p for p in ps if id(p) not in empty]) for g, ps in groups]
         params_all = [p for _, ps in groups for p in ps]
         if not params_all:
             self._perturbed, self._backups, self.last_e_norm = [], [], None
+            if zero_grad:  # the pass at w + e must not add to these gradients
+                self.zero_grad()
             return
         grads = [p.grad for p in params_all]
         # Masked gradients g * m (scratch tensors, scaled in place into e below).

@@ -13,6 +13,7 @@ idempotent entrypoint for jobs that a cluster may restart).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -21,10 +22,14 @@ from pathlib import Path
 import yaml
 
 from ssam_tune.config import ConfigError
-from ssam_tune.experiment import RESULTS, SPACE_FILE, TRIAL_PREFIX, Experiment, resolve_storage
-from ssam_tune.space import NAME_RE, SearchSpace, load_space, smoke, space_to_dict
+from ssam_tune.experiment import JOURNAL_FILE, RESULTS, SPACE_FILE, TRIAL_PREFIX, Experiment, resolve_storage
+from ssam_tune.space import DRIVER_MEMORY, NAME_RE, SearchSpace, load_space, smoke, space_to_dict
 
-__all__ = ["main", "run_search", "space_to_dict"]
+__all__ = ["PENDING_TRIALS", "main", "run_search", "space_to_dict"]
+
+# Trials Ray may hold pending (asked of the searcher, waiting for resources) when
+# tune.max_concurrent_trials is unset; TUNE_MAX_PENDING_TRIALS_PG overrides it.
+PENDING_TRIALS = 8
 
 
 def _trial_name(trial) -> str:
@@ -70,10 +75,35 @@ def describe(space: SearchSpace, full: bool = True) -> str:
         lines.append("note: with tune.time_budget_s, num_samples is only a ceiling and the default population "
                      "assumes all of it runs; set tune.population_size to what the time allows.")
     lines.append(f"scheduler: {t.describe_scheduler(space.epochs)}")
-    lines.append(f"resources per trial: {t.cpu} CPU, {t.gpu} GPU; max concurrent: {t.max_concurrent_trials or 'auto'}")
+    lines.append(t.describe_resources(*_local_resources(), "this machine"))
     if t.confirm_top_k:
         lines.append(f"confirmation: top {t.confirm_top_k} front points x seeds {t.confirm_seeds}")
     return "\n".join(lines)
+
+
+def _local_resources() -> tuple[float, float]:
+    """(CPUs, GPUs) of this machine, as a local Ray would offer them."""
+    import torch
+
+    return float(os.cpu_count() or 1), float(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def _trial_resources(t) -> dict:
+    """What Tune reserves for one trial: its resources, or for a data-parallel trial only its
+    driver's DRIVER_MEMORY (the trial's Ray Train run reserves the workers when it starts)."""
+    return {"cpu": t.cpu, "gpu": t.gpu} if t.workers == 1 else {"cpu": 0, "memory": DRIVER_MEMORY}
+
+
+def _max_concurrent(t) -> int | None:
+    """tune.max_concurrent_trials; for data-parallel trials left unset, as many as the
+    cluster holds now (at least 1): the drivers hold almost nothing, so Ray would start
+    trials whose workers wait for resources."""
+    if t.max_concurrent_trials or t.workers == 1:
+        return t.max_concurrent_trials
+    import ray
+
+    total = ray.cluster_resources()
+    return max(1, t.trials_that_fit(total.get("CPU", 0.0), total.get("GPU", 0.0)))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,7 +150,10 @@ def _storage(args, space: SearchSpace) -> str:
     return resolve_storage(args.storage or space.tune.storage_path or str(Path(args.results) / "ray"))
 
 
-def _init_ray(address: str | None) -> None:
+def _init_ray(address: str | None, dashboard: bool = False) -> None:
+    """Connect to the cluster at ``address`` (or RAY_ADDRESS), or start a local Ray; with
+    ``dashboard`` (data-parallel trials) the local one runs its dashboard on loopback, and
+    either must answer Ray's state API, or the search is refused before any trial starts."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
@@ -129,8 +162,31 @@ def _init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        # A fresh local instance; its dashboard is off (nothing listens beyond loopback).
-        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+        # A fresh local instance; its dashboard (and state API) only where needed, on loopback.
+        ray.init(address="local", include_dashboard=dashboard, runtime_env=runtime_env, log_to_driver=True)
+    if dashboard:
+        try:
+            _require_state_api()
+        except ConfigError:
+            ray.shutdown()
+            raise
+
+
+def _require_state_api() -> None:
+    """Ray Train frees the workers of a data-parallel trial that Tune stopped (early stopping)
+    only through Ray's state API: its placement-group cleaner polls it to see the trial's
+    run die. Without it, each stopped trial would hold its workers' CPUs and GPUs until the
+    search ends, and later trials would wait for ever."""
+    import ray
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, raise_on_missing_output=False)
+    except Exception as err:  # noqa: BLE001 - any failure means the same thing here
+        raise ConfigError("tune.resources.workers", "data-parallel trials need Ray's dashboard (its state API "
+                          f"frees the workers of stopped trials), which did not answer: {type(err).__name__}: "
+                          f"{err}. Install ray[default] and start the cluster with its dashboard, or set "
+                          "tune.resources.workers: 1") from None
 
 
 def confirmation_space(space: SearchSpace, runs: list[tuple[str, dict]]) -> SearchSpace:
@@ -180,11 +236,14 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
     Ray's ``RunConfig(stop=...)`` (benchmarks cap the epochs a search may spend; note that Ray
     hands a function trainable's last result to a stopper twice)."""
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from ssam_tune.export import export_experiment
     from ssam_tune.progress import Progress
+    from ssam_tune.retention import PruneCheckpoints, RestoreFromNewest
     from ssam_tune.schedulers import RungStateCallback, make_scheduler
     from ssam_tune.search import SsamSearcher
+    from ssam_tune.tensorboard_live import LiveTensorBoard, ray_tensorboard_off
     from ssam_tune.trainable import train_trial
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
@@ -199,10 +258,11 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
     exp.make()
     if not exp.exists(SPACE_FILE):
         exp.write_text(SPACE_FILE, yaml.safe_dump(space_to_dict(space), sort_keys=False))
-    _init_ray(address)
+    _init_ray(address, dashboard=space.tune.workers > 1)
     try:
         t = space.tune
-        trainable = tune.with_resources(trainable or train_trial, {"cpu": t.cpu, "gpu": t.gpu})
+        trainable = tune.with_resources(trainable or train_trial, _trial_resources(t))
+        concurrent = _max_concurrent(t)
         if resume:
             tuner = tune.Tuner.restore(exp.root, trainable, resume_unfinished=True, resume_errored=True)
         else:
@@ -211,35 +271,94 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    search_alg=searcher, scheduler=scheduler, num_samples=space.budget(),
-                    max_concurrent_trials=t.max_concurrent_trials, time_budget_s=t.time_budget_s,
-                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname, reuse_actors=True),
+                    # -1: the searcher ends the search (Ray's count of the trials it made would
+                    # stop short after a resumed searcher asks again for trials Ray lost)
+                    search_alg=searcher, scheduler=scheduler, num_samples=-1,
+                    max_concurrent_trials=concurrent, time_budget_s=t.time_budget_s,
+                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname,
+                    # a stopped data-parallel trial's process must end, taking its Train run with it
+                    reuse_actors=t.workers == 1),
                 run_config=tune.RunConfig(
                     name=space.name, storage_path=storage, stop=stop,
-                    callbacks=[RungStateCallback(scheduler), Progress(space.epochs, t.flops_metric)],
+                    # Ray's default loggers are off while fit() runs (ray_tensorboard_off): its JSON
+                    # and CSV ones are passed here, LiveTensorBoard writes results/<name>/tensorboard/
+                    callbacks=[RungStateCallback(scheduler), Progress(space.epochs, t.flops_metric),
+                               JsonLoggerCallback(), CSVLoggerCallback(), LiveTensorBoard(space, out / "tensorboard"),
+                               RestoreFromNewest(),
+                               *([PruneCheckpoints(exp, space.epochs)] if t.retain_checkpoints == "front" else [])],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints),
                     # verbose 0: Progress prints a line per result instead of Ray's tables
                     failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=0),
             )
-        tuner.fit()
+        # Ray keeps ONE pending trial for a searcher that limits concurrency itself (as this one
+        # does), so an autoscaler would add GPU nodes one at a time: let it see the demand.
+        pending = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG") or str(concurrent or PENDING_TRIALS)
+        with ray_tensorboard_off(exp, resume), _env("TUNE_MAX_PENDING_TRIALS_PG", pending):
+            tuner.fit()
     finally:
         import ray
 
         ray.shutdown()
-    if space.mode == "search" and Path(exp.journal_path()).exists():
-        # After fit() every trial has finished, but Ray does not tell the searcher about the
-        # trials a stopper or the time budget ended: settle them from their results.
-        from ssam_tune.export import load_trials
-        from ssam_tune.study import objective_values, open_study, settle
-
-        t = space.tune
-        outcomes = {row["trial_id"]: (row["status"], row["epochs_reached"],
-                                      objective_values(t.objective, row, t.flops_metric))
-                    for row in load_trials(exp.root, t.flops_metric)}
-        settle(open_study(exp.journal_path(), space.name, t.objective, t.flops_metric), outcomes)
+    rows = _settle_study(space, exp) if space.mode == "search" else None
     info = export_experiment(exp.root, out)
+    if space.tune.retain_checkpoints == "front":
+        from ssam_tune.export import load_trials
+        from ssam_tune.retention import prune_after_export
+
+        # errored trials keep theirs (--resume re-runs them from it); every case is a result
+        rows = rows if rows is not None else load_trials(exp.root, space.tune.flops_metric)
+        done = [r["trial_id"] for r in rows if r["status"] != "errored"]
+        keep = {*info["front"], info["best_trial"]} if space.mode == "search" else set(done)
+        prune_after_export(exp, done, keep)
     print(info["console"], flush=True)
     return out
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """``os.environ[name] = value`` while the block runs (a confirmation experiment run by the
+    same process starts from the user's environment again)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _settle_study(space: SearchSpace, exp: Experiment) -> list[dict]:
+    """After ``fit()`` every trial has finished, but Ray does not tell the searcher about the
+    trials a stopper or the time budget ended: settle them from their results. For a URI
+    experiment the study is the ``optuna.journal`` Ray uploaded with its final state (the
+    searcher wrote it there): settled in a local copy, then uploaded again. Returns the
+    trials' rows as the exports read them."""
+    import tempfile
+
+    from ssam_tune.export import load_trials
+    from ssam_tune.study import objective_values, open_study, settle
+
+    t = space.tune
+    with tempfile.TemporaryDirectory() as tmp:
+        if exp.is_local:
+            journal = Path(exp.journal_path())
+        else:
+            data = exp.read_bytes(JOURNAL_FILE)
+            journal = Path(tmp) / JOURNAL_FILE if data is not None else Path(exp.journal_path())  # older runs
+            if data is not None:
+                journal.write_bytes(data)
+        rows = load_trials(exp.root, t.flops_metric)
+        if not journal.is_file():
+            return rows
+        outcomes = {row["trial_id"]: (row["status"], row["epochs_reached"],
+                                      objective_values(t.objective, row, t.flops_metric))
+                    for row in rows}
+        told = settle(open_study(str(journal), space.name, t.objective, t.flops_metric), outcomes)
+        if told and not exp.is_local and journal.parent == Path(tmp):
+            exp.write_bytes(JOURNAL_FILE, journal.read_bytes())
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,7 +387,12 @@ def main(argv: list[str] | None = None) -> int:
         resume = exists if args.resume == "auto" else bool(args.resume)
         if resume and not exists:
             raise ConfigError("--resume", f"no experiment to resume at {exp.root} (--resume auto starts it)")
-        if not resume and exists:
+        if resume and not exp.resumable:
+            # killed before Ray saved any state: nothing ran that could be kept
+            print(f"note: {exp.root} has no saved Ray state (its driver stopped within seconds of the start); "
+                  "starting it afresh")
+            resume = False
+        elif not resume and exists:
             raise ConfigError("--name", f"experiment {space.name!r} already exists at {exp.root}; "
                               "use --resume (or --resume auto) to finish it or --name for a new one")
         if args.resume == "auto":

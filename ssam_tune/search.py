@@ -21,7 +21,8 @@ notes, section 5):
   logged and the search goes on (the exports are built from Ray's results).
 
 The study lives in a journal file (see :mod:`ssam_tune.study`) that survives driver crashes
-and can be opened with ``optuna-dashboard``. Private Optuna attributes are reached only
+and can be opened with ``optuna-dashboard``; for a URI experiment it travels inside the
+searcher state Ray saves (see :meth:`SsamSearcher.save`). Private Optuna attributes are reached only
 through :mod:`ssam_tune._private`.
 """
 
@@ -32,12 +33,14 @@ import functools
 import hashlib
 import logging
 import pickle
+import uuid
+from pathlib import Path
 
 import optuna
 from ray.tune.search import Searcher
 
 from ssam_tune import _private
-from ssam_tune.experiment import Experiment
+from ssam_tune.experiment import JOURNAL_FILE, Experiment, atomic_write
 from ssam_tune.space import SearchSpace, baseline_params, resolve_config, sample_params
 from ssam_tune.study import close_orphans, objective_values, open_study, record
 
@@ -100,13 +103,15 @@ class SsamSearcher(Searcher):
     the journal with Ray's results.
     """
 
-    max_concurrent: int | None = None  # class default: searchers pickled by older versions lack it
+    max_concurrent: int | None = None  # class defaults: searchers pickled by older versions lack them
+    journal_key: str | None = None
 
     def __init__(self, space: SearchSpace, exp: Experiment) -> None:
         super().__init__(metric="val_acc", mode="max")
         self.space = space
-        self.journal_path = exp.journal_path()
         self.exp_dir = exp.root
+        # the study's own key: a URI experiment's journal is a local working copy named by it
+        self.journal_key = None if exp.is_local else uuid.uuid4().hex
         self._fixed = [(label, cfg) for label, cfg in space.fixed_trials()]
         self._issued_fixed = 0
         self._sampled = 0
@@ -115,6 +120,12 @@ class SsamSearcher(Searcher):
         self._checked: set[str] = set()  # trials whose Optuna state this driver has looked at
 
     # -- Optuna ------------------------------------------------------------------------------
+    @property
+    def journal_path(self) -> str:
+        """Computed, never stored: a new head (another HOME) has its own working copy.
+        (A searcher pickled by an older version has no key: the URI-keyed file it used.)"""
+        return Experiment(self.exp_dir).journal_path(getattr(self, "journal_key", None))
+
     @property
     def study(self) -> optuna.Study:
         if self._study is None:
@@ -146,6 +157,10 @@ class SsamSearcher(Searcher):
         if self.max_concurrent and live >= self.max_concurrent:
             return None  # asked again when a trial finishes
         meta = {"trial_id": trial_id, "exp_dir": self.exp_dir, "epochs": self.space.epochs}
+        t = self.space.tune
+        if t.workers > 1:  # a data-parallel trial: what its Ray Train run needs (ssam_tune.trainable)
+            meta["train_run"] = {"workers": t.workers, "cpu": t.cpu, "gpu": t.gpu, "max_failures": t.max_failures,
+                                 "keep_checkpoints": t.keep_checkpoints}
         if self._issued_fixed < len(self._fixed):
             label, cfg = self._fixed[self._issued_fixed]
             self._issued_fixed += 1
@@ -264,19 +279,66 @@ class SsamSearcher(Searcher):
 
     # -- persistence ------------------------------------------------------------------------
     def save(self, checkpoint_path: str) -> None:
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_study", "_checked")}
+        """Ray's searcher checkpoint, saved with its experiment state (the trials' statuses).
+        For a URI experiment it carries the Optuna journal too, so that the study travels
+        with the experiment and matches the trials Ray restores; and the journal is written
+        as ``optuna.journal`` next to it, which Ray uploads with the state (the exports read
+        it). On local storage the journal is the live file in the experiment folder."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_study", "_checked", "journal_path")}
+        if self.journal_key is not None:
+            journal = Path(self.journal_path)
+            state["_journal_bytes"] = journal.read_bytes() if journal.is_file() else b""
+            atomic_write(Path(checkpoint_path).parent / JOURNAL_FILE, state["_journal_bytes"])
         with open(checkpoint_path, "wb") as fh:
             pickle.dump(state, fh)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as fh:
             state = pickle.load(fh)  # noqa: S301 - Ray's own searcher checkpoint, written by save()
+        journal = state.pop("_journal_bytes", None)
+        state.pop("journal_path", None)  # a searcher pickled by an older version stored the path
         self.__dict__.update(state)
+        self.__dict__.pop("journal_path", None)
         self._study, self._checked = None, set()
         for f in dataclasses.fields(self.space.tune):  # a searcher pickled by an older version
             if not hasattr(self.space.tune, f.name):
                 setattr(self.space.tune, f.name, None if f.default is dataclasses.MISSING else f.default)
+        if journal is not None:
+            # The study as it was when Ray saved the trials it now restores (or newer: see
+            # _forget_lost), also on a new head with an empty HOME. A newer local copy is
+            # replaced: what it adds (trials asked or told after that save) Ray has forgotten
+            # too, and re-runs or re-asks them.
+            atomic_write(self.journal_path, journal)
+        self._forget_lost()
         self.reconcile()
+
+    def _forget_lost(self) -> None:
+        """Forget the unfinished trials that Ray's restored experiment state does not hold, and
+        issue them again: a fixed trial with its label, a sampled one as a new sample
+        (``reconcile`` closes its Optuna trial). Ray uploads its experiment state and this
+        searcher's state as separate files, so a driver killed in the middle of an upload can
+        leave this state the newer one; its trials asked since would otherwise never run and
+        count as running for ever (with ``max_concurrent_trials`` reached, the resumed search
+        would wait for ever). A finished one stays as told: the study keeps its outcome."""
+        exp = Experiment(self.exp_dir)
+        if exp.state_file() is None:
+            return  # not restored by Ray
+        known = exp.trial_statuses()  # what Ray restored: its newest stored state
+        lost = [trial_id for trial_id, info in self._trials.items() if trial_id not in known and not info["done"]]
+        if not lost:
+            return
+        labels = set()
+        for trial_id in lost:
+            info = self._trials.pop(trial_id)
+            if info["number"] is not None:
+                self._sampled -= 1
+            else:
+                labels.add(info["config"][META]["label"])
+        issued, rest = self._fixed[:self._issued_fixed], self._fixed[self._issued_fixed:]
+        self._fixed = [f for f in issued if f[0] not in labels] + [f for f in issued if f[0] in labels] + rest
+        self._issued_fixed -= len(labels)
+        log.warning("%d trial(s) asked by the previous driver after Ray's last stored state are asked again",
+                    len(lost))
 
     def reconcile(self) -> int:
         """Fail the Optuna trials left RUNNING by a killed driver that Ray no longer knows

@@ -60,6 +60,12 @@ class Dist:
         return f"{self.type} [{self.low}, {self.high}]{step}"
 
 
+# What the Tune trial of a data-parallel trial holds: it only drives its Ray Train run, whose
+# workers hold tune.resources each. Ray refuses an empty request; a sliver of memory (a
+# logical resource) keeps the driver off the CPUs and GPUs its workers are sized to fill.
+DRIVER_MEMORY = 2**28
+
+
 @dataclass
 class TuneSettings:
     """The resolved ``tune:`` section, flat. Its value rules and defaults are
@@ -74,17 +80,44 @@ class TuneSettings:
     seed: int
     scheduler: str  # mo_asha, asha or none ("auto" resolved)
     baselines: list
-    cpu: float
-    gpu: float
+    cpu: float  # per worker
+    gpu: float  # per worker
     max_concurrent_trials: int | None
     time_budget_s: float | None
     storage_path: str | None
     max_failures: int
     keep_checkpoints: int
+    retain_checkpoints: str = "front"  # front or all (see config.RETAIN)
     grace_period: int | None = None  # ASHA only
     reduction_factor: float = 3.0  # ASHA only
     confirm_top_k: int = 0  # 0: no confirmation step
     confirm_seeds: list = field(default_factory=list)
+    workers: int = 1  # > 1: a data-parallel trial on Ray Train
+
+    def per_trial(self) -> dict[str, float]:
+        """The CPUs and GPUs one trial holds: all its workers' together."""
+        return {"CPU": self.workers * self.cpu, "GPU": self.workers * self.gpu}
+
+    def trials_that_fit(self, cpus: float, gpus: float) -> int:
+        """How many trials run at once on ``cpus`` CPUs and ``gpus`` GPUs in all, counting
+        whole trials (or workers) per GPU and not how they pack onto nodes."""
+        fit = int(cpus // (self.workers * self.cpu))
+        if self.gpu:
+            per_gpu = int(1 / self.gpu + 1e-9)  # trials sharing one GPU (workers > 1: gpu is 1)
+            fit = min(fit, int(gpus) * per_gpu // self.workers)
+        return fit
+
+    def describe_resources(self, cpus: float, gpus: float, where: str) -> str:
+        if self.workers == 1:
+            head = f"resources per trial: {self.cpu:g} CPU, {self.gpu:g} GPU"
+        else:
+            total = self.per_trial()
+            head = (f"resources per trial: {self.workers} data-parallel workers (Ray Train) x {self.cpu:g} CPU, "
+                    f"{self.gpu:g} GPU = {total['GPU']:g} GPUs and {total['CPU']:g} CPUs per trial")
+        fit = self.trials_that_fit(cpus, gpus)
+        limit = self.max_concurrent_trials or ("auto: as many as fit" if self.workers > 1 else "auto")
+        return (f"{head}; max concurrent: {limit}\n"
+                f"trials that fit at once on {where} ({cpus:g} CPUs, {gpus:g} GPUs): {fit}")
 
     @property
     def flops_metric(self) -> str:
@@ -346,8 +379,10 @@ def _parse_tune(raw: Any, epochs: int, stored: bool = False) -> TuneSettings:
         n_startup_trials=cfg.n_startup_trials, population_size=cfg.population_size, seed=cfg.seed,
         scheduler=cfg.scheduler.type,
         baselines=list(dict.fromkeys(cfg.baselines)), cpu=float(cfg.resources.cpu), gpu=float(cfg.resources.gpu),
+        workers=cfg.resources.workers,
         max_concurrent_trials=cfg.max_concurrent_trials, time_budget_s=cfg.time_budget_s,
-        storage_path=cfg.storage_path, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints)
+        storage_path=cfg.storage_path, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints,
+        retain_checkpoints=cfg.retain_checkpoints)
     if t.storage_path is not None and not t.storage_path:
         raise ConfigError("tune.storage_path", "must be a path or URI string, got ''")
     if t.scheduler == "auto":
@@ -411,6 +446,7 @@ def _parse_space(raw: Any, source: str, stem: str, check_paths: bool = True, sto
     if search_raw is None and cases_raw is None:
         raise ConfigError("search", "is required (or cases): nothing to search")
     tune = _parse_tune(raw.get("tune"), base_cfg.train.epochs, stored)
+    _check_workers(tune, base_cfg.train, raw.get("search"))
     search, cases = [], []
     if search_raw is not None:
         if not isinstance(search_raw, dict) or not search_raw:
@@ -444,7 +480,11 @@ def _parse_space(raw: Any, source: str, stem: str, check_paths: bool = True, sto
                 for key, value in flat.items():
                     if key != "label":
                         set_by_path(data, key, value)
-                config_from_dict(data)
+                case_cfg = config_from_dict(data)
+            except ConfigError as err:
+                raise ConfigError(f"cases[{i}].{err.path}", err.rule) from None
+            try:
+                _check_workers(tune, case_cfg.train, None)
             except ConfigError as err:
                 raise ConfigError(f"cases[{i}].{err.path}", err.rule) from None
             cases.append(flat)
@@ -452,6 +492,30 @@ def _parse_space(raw: Any, source: str, stem: str, check_paths: bool = True, sto
         tune.num_samples = len(cases) * len(seeds)
     return SearchSpace(name=name, source=source, base=base, search=search, cases=cases,
                        seeds=raw.get("seeds", [base_cfg.seed]) if cases else [], tune=tune)
+
+
+def _check_workers(t: TuneSettings, train, search_raw) -> None:
+    """A data-parallel trial splits train.batch_size (the global batch) over its workers."""
+    if t.workers == 1:
+        return
+    if train.sync_bn and not t.gpu:
+        raise ConfigError("train.sync_bn", "needs GPU workers (torch's SyncBatchNorm trains on CUDA only); set "
+                          "tune.resources.gpu, or train.sync_bn: false")
+    if 0 < t.gpu < 1:
+        raise ConfigError("tune.resources.gpu", f"{t.gpu:g}: the workers of a data-parallel trial need a whole GPU "
+                          "each (NCCL runs one rank per GPU); use gpu: 1, or workers: 1 to share GPUs between trials")
+    sizes = [train.batch_size]
+    spec = search_raw.get("train.batch_size") if isinstance(search_raw, dict) else None
+    if isinstance(spec, dict):
+        sizes += [v for v in spec.get("values") or [] if isinstance(v, int)]
+        if spec.get("type") == "int" and (spec.get("low", 0) % t.workers or (spec.get("step") or 1) % t.workers):
+            raise ConfigError("search.train.batch_size", f"low and step must be multiples of tune.resources.workers="
+                              f"{t.workers}, so every sampled batch splits evenly over the workers")
+    for size in sizes:
+        if size % t.workers:
+            raise ConfigError("train.batch_size", f"{size} does not split evenly over tune.resources.workers="
+                              f"{t.workers}: use a multiple of {t.workers} (train.batch_size is the global "
+                              "batch; each worker takes batch_size / workers of it)")
 
 
 def _check_conditionals(search: list, base: dict) -> None:
@@ -488,9 +552,13 @@ def space_to_dict(space: SearchSpace) -> dict:
         **({"population_size": t.population_size} if t.sampler == "nsga2" else {}), "seed": t.seed,
         "scheduler": {"type": t.scheduler, "grace_period": t.grace_period, "reduction_factor": t.reduction_factor}
         if t.scheduler != "none" else "none",
-        "baselines": list(t.baselines) or False, "resources": {"cpu": t.cpu, "gpu": t.gpu},
+        "baselines": list(t.baselines) or False,
+        # workers written only when > 1, so older versions still read (export) the file
+        "resources": {**({"workers": t.workers} if t.workers > 1 else {}), "cpu": t.cpu, "gpu": t.gpu},
         "max_concurrent_trials": t.max_concurrent_trials, "time_budget_s": t.time_budget_s,
         "storage_path": t.storage_path, "max_failures": t.max_failures, "keep_checkpoints": t.keep_checkpoints,
+        # written only when not the default, so older versions still read (export) the file
+        **({"retain_checkpoints": t.retain_checkpoints} if t.retain_checkpoints != "front" else {}),
     }
     if t.confirm_top_k:
         out["tune"]["confirm"] = {"top_k": t.confirm_top_k, "seeds": list(t.confirm_seeds)}
@@ -521,7 +589,9 @@ def smoke(space: SearchSpace) -> SearchSpace:
     t.n_startup_trials = min(t.n_startup_trials, 2)
     t.grace_period = 1
     t.cpu, t.gpu = 1.0, 0.0
-    t.max_concurrent_trials = 2
+    b["train"]["sync_bn"] = False  # CUDA only
+    t.workers = min(t.workers, 2)  # a data-parallel space keeps the Ray Train path, on 2 CPU workers
+    t.max_concurrent_trials = 2 if t.workers == 1 else 1
     t.time_budget_s = None
     t.confirm_top_k, t.confirm_seeds = 0, []
     if t.sampler == "nsga2":

@@ -6,6 +6,15 @@ to resume, a checkpoint dict) and yields one metrics dict per epoch. Everything 
 (initialisation, data order, augmentation, masks, Fisher samples) comes from generators
 seeded from ``config.seed`` and saved in every checkpoint, so a run resumed from epoch k in
 a fresh process reproduces the uninterrupted run's non-timing metrics bit for bit on CPU.
+
+Inside an initialised torch.distributed process group (a multi-worker trial: Ray Train starts
+one Trainer per worker) the run is data-parallel and equals the 1-worker run on the same
+``train.batch_size`` (:mod:`ssam_tune.distributed`): every rank draws the same global batch
+from the same generators and trains on its ``batch_size / workers`` share; gradients are
+averaged after both passes; masks come out bit-identical (Fisher scores summed over the
+ranks' shares of the N_F samples); evaluation and the reported sums cover whole splits.
+Without SyncBatchNorm (``train.sync_bn``, CUDA only) each rank normalises with its share's
+batch statistics, and running statistics are averaged once per epoch.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 
@@ -20,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssam_tune import distributed as D
 from ssam_tune import masks as M
 from ssam_tune.batches import iterate_batches, sample_for_fisher
 from ssam_tune.config import Config, ConfigError, config_to_dict
 from ssam_tune.data import Data, Split, load_dataset, make_dataloader
 from ssam_tune.experiment import atomic_write
-from ssam_tune.flops import FlopsModel
+from ssam_tune.flops import FlopsModel, backward_flops_per_tensor, forward_backward_flops
 from ssam_tune.methods import method
 from ssam_tune.models import build_model
 from ssam_tune.optim import SAM, SSAM, freeze_bn_stats
@@ -46,6 +57,18 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise ConfigError("train.device", f"must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+
+
+def resolve_normalize(meth) -> str:
+    """``method.normalize`` as the optimizer takes it. SAM-ON always normalises over the
+    layers it perturbs (Mueller et al., ||e|| = rho); ``auto`` is the paper's ``full`` for
+    element masks and ``masked`` for tensor masks, whose pass at w then needs only the
+    perturbed tensors' gradients (with ``full``, ||g|| needs all of them)."""
+    if method(meth.name).mask == "norm":
+        return "masked"
+    if meth.normalize != "auto":
+        return meth.normalize
+    return "masked" if meth.granularity == "tensor" else "full"
 
 
 def load_data(cfg: Config) -> Data:
@@ -95,14 +118,17 @@ class Trainer:
         self.spec = method(cfg.method.name)  # the method's row: optimizer, mask kind, cost rule
         self.method = self.spec.name
         self.sparse = self.spec.sparse
+        self.rank, self.world = D.rank(), D.world_size()  # (0, 1) outside a process group
         self._set_device(device)
         self._place_data(data if data is not None else load_data(cfg))
+        self._check_workers()
         self._build_model()
         self._make_generators()
         self._build_optimizer()
         self._build_schedules()
         self.epoch = 0  # completed epochs
         self.global_step = 0
+        self.resumed = False  # whether load_state_dict ran
         self.tracker = {"best_val_acc": -1.0, "best_epoch": 0, "refreshes": 0, "flops_theoretical": 0.0,
                         "flops_executed": 0.0, "flops_mask": 0.0, "images": 0, "status": "running",
                         "last_good": None, "last_overlap": None, "last_density": None, "train_seconds": 0.0}
@@ -124,10 +150,37 @@ class Trainer:
             if self.cfg.data.train_size:
                 train = _balanced_subset(train, self.cfg.data.train_size, self.cfg.seed)
             self.train_split = train.to(self.device)
-            self.val_split = data.val.to(self.device)
-            self.test_split = data.test.to(self.device)
+            self.val_split = self._share(data.val).to(self.device)
+            self.test_split = self._share(data.test).to(self.device)
         else:
-            self.train_split, self.val_split, self.test_split = data.train, data.val, data.test
+            self.train_split = data.train
+            self.val_split, self.test_split = self._share(data.val), self._share(data.test)
+
+    def _share(self, split):
+        """This rank's share of an evaluation split (the whole split on one worker); the
+        shares' sums add up to the split's (:meth:`evaluate`)."""
+        if self.world == 1 or split is None:
+            return split
+        index = D.share(len(split), self.rank, self.world)
+        if isinstance(split, Split):
+            return split.subset(torch.arange(index.start, index.stop))
+        return torch.utils.data.Subset(split, list(index))
+
+    def _check_workers(self) -> None:
+        """What data parallelism needs of the config, refused before any work."""
+        if self.world == 1:
+            return
+        t = self.cfg.train
+        if t.batch_size % self.world:
+            raise ConfigError("train.batch_size", f"{t.batch_size} does not split evenly over {self.world} workers: "
+                              f"use a multiple of {self.world} (train.batch_size is the global batch; each worker "
+                              "takes batch_size / workers of it)")
+        if not self._drop_last() and len(self.train_split) % self.world:
+            raise ConfigError("data.train_size", f"the training set ({len(self.train_split)} images) is smaller "
+                              f"than one batch and does not split evenly over {self.world} workers")
+        if t.sync_bn and self.device.type != "cuda":
+            raise ConfigError("train.sync_bn", "needs CUDA (torch's SyncBatchNorm trains on GPUs only); set "
+                              "train.sync_bn: false, or train on GPUs")
 
     def _build_model(self) -> None:
         """The model from the init stream (paired seeds: the same init across methods), and
@@ -137,12 +190,19 @@ class Trainer:
             torch.manual_seed(self.cfg.seed + _STREAMS["init"])
             kw = {"depth": m.depth, "widen_factor": m.widen_factor} if m.name == "wrn28_10" else {}
             self.model = build_model(m.name, data.num_classes, width=m.width, input_size=data.image_size, **kw)
-        input_shape = (3, data.image_size, data.image_size)
-        self.flops = FlopsModel.from_model(self.model, input_shape, self.cfg.train.batch_size)
+        self.input_shape = (3, data.image_size, data.image_size)  # one sample, for FLOPs counts
+        self.flops = FlopsModel.from_model(self.model, self.input_shape, self.cfg.train.batch_size)
+        if self.cfg.train.sync_bn and self.world > 1:
+            # batch statistics over the global batch, as one worker computes them
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.n_params = sum(p.numel() for p in self.model.parameters())
+        # The compiled module shares the model's parameters and buffers: state dicts, masks,
+        # Fisher scores and FLOPs keep using the eager model. Each requires-grad pattern of
+        # the pass at w (tensor masks) and BatchNorm mode is one more compiled graph.
+        self.forward = torch.compile(self.model) if self.cfg.train.compile else self.model
 
     def _make_generators(self) -> None:
         """One seeded generator per random stream; all of them are saved in checkpoints."""
@@ -162,13 +222,21 @@ class Trainer:
         elif not self.spec.sparse:
             self.opt = SAM(params, torch.optim.SGD, rho=meth.rho, **base)
         else:
-            self.opt = SSAM(params, torch.optim.SGD, rho=meth.rho, sparsity=meth.sparsity,
-                            normalize=meth.normalize, **base)
+            normalize = resolve_normalize(meth)
+            if normalize == "full" and meth.granularity == "tensor":
+                self.log("method.normalize: full with granularity: tensor needs every weight gradient at w, "
+                         "so the first pass costs as much as SAM's; use normalize: masked (or auto) to save it")
+            self.opt = SSAM(params, torch.optim.SGD, rho=meth.rho, sparsity=meth.sparsity, normalize=normalize,
+                            granularity=meth.granularity, tensor_score=meth.tensor_score, **base)
+        self._names = {p: n for n, p in self.model.named_parameters()}
+        self._exec_flops: float | None = None  # per sample, for the current masks (_executed_flops)
 
     def _build_schedules(self) -> None:
         """The mask refresh schedule (Alg. 1, T_m), the LR schedule and the loss."""
         t, meth = self.cfg.train, self.cfg.method
-        self.schedule = M.MaskSchedule(interval=meth.T_m, unit=meth.mask_unit, fixed=meth.fixed_mask)
+        # SAM-ON's mask is the model's normalization layers: built once.
+        fixed = meth.fixed_mask or self.spec.mask == "norm"
+        self.schedule = M.MaskSchedule(interval=meth.T_m, unit=meth.mask_unit, fixed=fixed)
         self.steps_per_epoch = self._steps_per_epoch()
         total = t.epochs * self.steps_per_epoch
         self.sched = torch.optim.lr_scheduler.LambdaLR(
@@ -214,17 +282,25 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.tracker = dict(state["tracker"])
+        self.resumed = True
 
     # -- masks -------------------------------------------------------------------------------
     def _fisher_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The N_F Fisher samples (Eq. 5), the same draw on every rank; this rank's share of
+        them (its scores are summed with the other ranks', distributed.fisher_scores_distributed)."""
         n = self.cfg.method.N_F
         if isinstance(self.train_split, Split):
-            return sample_for_fisher(self.train_split, n, self.gens["fisher"])
+            x, y = sample_for_fisher(self.train_split, n, self.gens["fisher"])
+            return D.shard(x, y, self.rank, self.world, even=False)
         # ImageFolder: the same files with the evaluation transform (no augmentation).
         subset = self.train_split
         base = getattr(self.data.val, "dataset", None)
         perm = torch.randperm(len(subset), generator=self.gens["fisher"], device=self.gens["fisher"].device)[:n]
-        items = [(base or subset.dataset)[subset.indices[int(i)]] for i in perm.cpu()]
+        index = D.share(len(perm), self.rank, self.world)  # load only this rank's share
+        items = [(base or subset.dataset)[subset.indices[int(i)]] for i in perm[index.start:index.stop].cpu()]
+        if not items:  # more workers than Fisher samples
+            return torch.zeros(0, *self.input_shape, device=self.device), torch.zeros(0, dtype=torch.long,
+                                                                                    device=self.device)
         x = torch.stack([it[0] for it in items]).to(self.device)
         y = torch.tensor([it[1] for it in items], device=self.device)
         return x, y
@@ -239,23 +315,52 @@ class Trainer:
         params = opt.params()
         if kind == "fisher" and before_grad:
             x, y = self._fisher_batch()
-            scores = M.fisher_scores(self.model, None, x, y, bn=meth.fisher_bn)  # model.parameters() order
-            opt.set_masks_from_scores(scores, list(self.model.parameters()))
-        elif kind == "random" and before_grad:
-            opt.set_masks(M.random_mask(params, meth.sparsity, generator=self.gens["mask"]))
-        elif kind == "dynamic" and before_grad:  # the initial mask of SSAM-D is random
-            opt.set_masks(M.random_mask(params, meth.sparsity, generator=self.gens["mask"]))
+            # model.parameters() order; summed over the ranks' shares (one worker: its own)
+            scores = D.fisher_scores_distributed(self.model, None, x, y, bn=meth.fisher_bn)
+            costs = None
+            if meth.granularity == "tensor" and meth.tensor_score == "per_flop":
+                per_tensor = backward_flops_per_tensor(self.model, self.input_shape)
+                costs = [per_tensor[n] for n, _ in self.model.named_parameters()]
+            opt.set_masks_from_scores(scores, list(self.model.parameters()), costs)
+        elif kind in ("random", "dynamic") and before_grad:  # the initial mask of SSAM-D is random
+            draw = M.tensor_random_mask if meth.granularity == "tensor" else M.random_mask
+            opt.set_masks(draw(params, meth.sparsity, generator=self.gens["mask"]))
+        elif kind == "norm" and before_grad:
+            opt.set_masks(M.norm_mask(self.model, params))
         elif kind == "dynamic":
             opt.dynamic_update(self.epoch, self.cfg.train.epochs, alpha=meth.alpha, strategy=meth.drop,
                                generator=self.gens["mask"])
         else:
             return
         stats = M.mask_stats(opt.masks(), previous)
+        self._exec_flops = None
         self.tracker["refreshes"] += 1
         self.tracker["last_density"] = stats["density"]
         self.tracker["last_overlap"] = stats["overlap"]
         self.tracker["flops_mask"] += self.flops.mask_update_flops(
             self.method, n_params=self.n_params, fisher_samples=min(meth.N_F, len(self.train_split)))
+
+    def _executed_flops(self) -> float:
+        """FLOPs per sample of a step with the current masks, as its passes run: the pass at
+        w is measured with the same requires-grad set as :meth:`SSAM.first_pass` gives it
+        (flops.forward_backward_flops on a meta-device copy); cached until the next refresh."""
+        if self._exec_flops is None:
+            first = None
+            skipped = self.opt.skipped() if self.sparse else []
+            if skipped:
+                first = forward_backward_flops(self.model, self.input_shape,
+                                               frozen=[self._names[p] for p in skipped])[1]
+            self._exec_flops = self.flops.executed_per_sample(self.method, first)
+        return self._exec_flops
+
+    def _theoretical_sparsity(self) -> float:
+        """s in the paper's cost formula: the configured sparsity for element masks, the
+        measured one where whole tensors make the density differ (tensor masks, SAM-ON)."""
+        if not self.sparse:
+            return 0.0
+        if self.spec.mask != "norm" and self.cfg.method.granularity == "element":
+            return self.cfg.method.sparsity
+        return 1.0 - self.tracker["last_density"]
 
     # -- one epoch ---------------------------------------------------------------------------
     def _autocast(self):
@@ -264,15 +369,20 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _train_batches(self):
+        """This rank's share of each global batch (the whole batch on one worker)."""
         t = self.cfg.train
         if isinstance(self.train_split, Split):
             augment = self.data.augment == "cifar" and self.cfg.data.augment != "none"
-            return iterate_batches(self.train_split, t.batch_size, shuffle=True, generator=self.gens["order"],
-                                   augment=augment, drop_last=self._drop_last(), cutout=self.cfg.data.cutout,
-                                   channels_last=self.channels_last)
+            # Every rank draws the whole global batch and its augmentation from the same
+            # generators and keeps its share: the 1-worker batch, split (augmenting the
+            # whole batch costs little next to the passes).
+            batches = iterate_batches(self.train_split, t.batch_size, shuffle=True, generator=self.gens["order"],
+                                      augment=augment, drop_last=self._drop_last(), cutout=self.cfg.data.cutout,
+                                      channels_last=self.channels_last)
+            return batches if self.world == 1 else (D.shard(x, y, self.rank, self.world) for x, y in batches)
         return make_dataloader(self.train_split, t.batch_size, shuffle=True, generator=self.dl_gen,
                                num_workers=self.cfg.data.num_workers, drop_last=self._drop_last(),
-                               pin_memory=self.device.type == "cuda")
+                               pin_memory=self.device.type == "cuda", rank=self.rank, world=self.world)
 
     def _to_device(self, x, y):
         x = x.to(self.device, non_blocking=True)
@@ -282,7 +392,7 @@ class Trainer:
 
     def _loss(self, x, y):
         with self._autocast():
-            logits = self.model(x)
+            logits = self.forward(x)
             return self.criterion(logits.float(), y), logits
 
     def _train_epoch(self) -> dict | None:
@@ -292,7 +402,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         e_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        seen, steps = 0, 0
+        seen, steps, executed = 0, 0, 0.0
         for step, (x, y) in enumerate(self._train_batches()):
             if step >= self.steps_per_epoch:
                 break
@@ -305,11 +415,21 @@ class Trainer:
             dynamic_update = refresh and self.spec.mask == "dynamic" and self.global_step > 0
             if refresh and not dynamic_update:
                 self._refresh_mask(before_grad=True)
-            loss, logits = self._loss(x, y)
-            nan_at = self.cfg.train.inject_nan_at_step
-            if nan_at is not None and self.global_step >= nan_at:
-                loss = loss * float("nan")  # fault injection (config.TrainConfig.inject_nan_at_step)
-            loss.backward()
+            # The pass at w computes only the gradients e needs (tensor masks with normalize
+            # masked, SAM-ON); an SSAM-D update reads this pass's gradients to pick the next
+            # mask, so that pass runs in full (once per T_m).
+            sparse_pass = self.sparse and not dynamic_update
+            self._maybe_kill()
+            with opt.first_pass() if sparse_pass else contextlib.nullcontext():
+                loss, logits = self._loss(x, y)
+                nan_at = self.cfg.train.inject_nan_at_step
+                if nan_at is not None and self.global_step >= nan_at:
+                    loss = loss * float("nan")  # fault injection (config.TrainConfig.inject_nan_at_step)
+                loss.backward()
+            if self.world > 1:  # g at w of the global batch on every rank, before e and mask updates read it
+                D.average_gradients(model.parameters())
+            n = y.shape[0] * self.world  # the global batch: shares are equal (_check_workers)
+            executed += n * (self._executed_flops() if sparse_pass else self.flops.executed_per_sample(self.method))
             if not self.spec.perturbs:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -320,32 +440,37 @@ class Trainer:
                 guard = freeze_bn_stats(model) if meth.bn_second_pass == "freeze" else contextlib.nullcontext()
                 with guard:
                     self._loss(x, y)[0].backward()
+                if self.world > 1:  # the gradient at w + e, global batch
+                    D.average_gradients(model.parameters())
                 opt.second_step(zero_grad=True)
                 if opt.last_e_norm is not None:
                     e_sum += opt.last_e_norm
             self.sched.step()
-            n = y.shape[0]
-            loss_sum += loss.detach().double() * n
+            loss_sum += loss.detach().double() * y.shape[0]  # this rank's share
             correct += (logits.detach().argmax(1) == y).sum()
             seen += n
             steps += 1
             self.global_step += 1
-            if steps % 25 == 0 and not torch.isfinite(loss_sum):
+            # every rank must stop at the same step: NaN on any rank's share counts
+            if steps % 25 == 0 and not torch.isfinite(D.all_reduce_sums(loss_sum.clone())):
                 return None
+        totals = D.all_reduce_sums(torch.stack([loss_sum, correct.double()]))  # whole batches
+        loss_sum, correct = totals[0], totals[1]
         if seen == 0 or not torch.isfinite(loss_sum):
             return None
         self.tracker["images"] += seen
-        spent = self.flops.training_flops(self.method, steps, images=seen,
-                                          sparsity=meth.sparsity if self.sparse else 0.0)
+        spent = self.flops.training_flops(self.method, steps, images=seen, sparsity=self._theoretical_sparsity())
         self.tracker["flops_theoretical"] += spent["theoretical"]
-        self.tracker["flops_executed"] += spent["executed"]
+        self.tracker["flops_executed"] += executed
         return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
                 "e_norm": e_sum.item() / steps if self.spec.perturbs else 0.0, "train_images": seen}
 
     @torch.no_grad()
     def evaluate(self, split) -> tuple[float, float]:
-        """(loss, accuracy) on a split; (nan, nan) for an empty one."""
-        if split is None or len(split) == 0:
+        """(loss, accuracy) on a split; (nan, nan) for an empty one. With several workers
+        ``split`` is this rank's share, and the sums are added over ranks: every rank
+        returns the whole split's figures."""
+        if split is None or (self.world == 1 and len(split) == 0):
             return float("nan"), float("nan")
         self.model.eval()
         bs = self.cfg.train.eval_batch_size
@@ -359,13 +484,36 @@ class Trainer:
         for x, y in batches:
             x, y = self._to_device(x, y)
             with self._autocast():
-                logits = self.model(x).float()
+                logits = self.forward(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()
             n += y.shape[0]
-        return loss_sum.item() / n, correct.item() / n
+        loss_sum, correct, n = D.all_reduce_sums(torch.stack([loss_sum, correct.double(),
+                                                              torch.tensor(float(n), device=self.device,
+                                                                           dtype=torch.float64)])).tolist()
+        if n == 0:
+            return float("nan"), float("nan")
+        return loss_sum / n, correct / n
 
     # -- the run ---------------------------------------------------------------------------------
+    def _check_replicas(self) -> None:
+        """Once per epoch on several workers: the ranks' BatchNorm running statistics
+        averaged (each rank updated them from its share; SyncBatchNorm's are equal already),
+        and the masks checked bit for bit (one broadcast of d bytes): ranks whose masks
+        differ would train different models, so the run stops with an error."""
+        if not self.cfg.train.sync_bn:
+            D.average_buffers(self.model)
+        if self.sparse and not D.masks_identical(self.opt.masks()):
+            raise RuntimeError(f"epoch {self.epoch + 1}: the workers' masks differ; data-parallel SSAM needs "
+                               "identical masks on every rank (see ssam_tune/distributed.py)")
+
+    def _maybe_kill(self) -> None:
+        """Fault injection (``train.inject_kill_at_step``): the last worker SIGKILLs itself at
+        that global step, in a run that did not start from a checkpoint."""
+        at = self.cfg.train.inject_kill_at_step
+        if at is not None and self.global_step == at and not self.resumed and self.rank == self.world - 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def epochs(self) -> Iterator[dict]:
         """Train the remaining epochs, yielding metrics after each; stops on divergence."""
         while self.epoch < self.cfg.train.epochs and self.tracker["status"] == "running":
@@ -382,6 +530,8 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - start
+            if self.world > 1:
+                self._check_replicas()
             val_loss, val_acc = self.evaluate(self.val_split)
             self.epoch += 1
             every = self.cfg.train.test_every

@@ -18,7 +18,7 @@ from pathlib import Path
 from ssam_tune.config import ConfigError, config_from_dict, config_to_dict, load_config
 from ssam_tune.data import DataError
 from ssam_tune.experiment import atomic_write
-from ssam_tune.train import Trainer, load_checkpoint, save_checkpoint
+from ssam_tune.train import Trainer, load_checkpoint, resolve_normalize, save_checkpoint
 
 __all__ = ["main", "run_cli"]
 
@@ -29,10 +29,14 @@ def _write_json(path: Path, data) -> None:
 
 # -- CLI ----------------------------------------------------------------------------------------------
 def _normalised(stored) -> dict | None:
+    """A config as a dict with defaults filled in and ``method.normalize`` resolved, so that
+    a checkpoint written before ``auto`` existed (``full`` spelled out) matches."""
     try:
-        return config_to_dict(config_from_dict(stored))
+        cfg = config_from_dict(stored)
     except ConfigError:
         return None
+    cfg.method.normalize = resolve_normalize(cfg.method)
+    return config_to_dict(cfg)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,7 +61,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         if args.resume and ckpt_path.exists():
             state = load_checkpoint(ckpt_path)
             # normalised through the schema: a key added since the checkpoint takes its default
-            if _normalised(state.get("config")) != config_to_dict(cfg):
+            if _normalised(state.get("config")) != _normalised(config_to_dict(cfg)):
                 raise ConfigError("--resume", f"{ckpt_path} was written for a different config; "
                                   "use the same config and --set values, or another --out")
         trainer = Trainer(cfg, log=print)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -42,6 +43,20 @@ def steps_per_epoch(train_size: int, batch_size: int) -> int:
 
 
 # -- what a finished (or running) experiment wrote ----------------------------------------------
+def write_ray_state(folder: Path, statuses: dict[str, str], stamp: str = "2026-12-01_00-00-00") -> Path:
+    """Ray's ``experiment_state-<stamp>.json`` in ``folder``, holding the trials ``statuses``
+    (trial id -> RUNNING, TERMINATED, ...) in Ray 2.60's layout (tests/_synthetic_ray.py)."""
+    from _synthetic_ray import _state_entry
+
+    rng = random.Random(0)
+    entries = [_state_entry(rng, tid, {"ssam_tune": {"trial_id": tid, "label": tid}},
+                            {"trial_id": tid, "epoch": 1, "status": "running"}, status)
+               for tid, status in statuses.items()]
+    path = folder / f"experiment_state-{stamp}.json"
+    path.write_text(json.dumps({"trial_data": entries, "runner_data": {}, "stats": {}}))
+    return path
+
+
 def read_rows(path: Path) -> list[dict]:
     """The rows of a CSV export (trials.csv, pareto.csv, ...) as dicts of strings."""
     with open(path, newline="") as fh:

@@ -62,9 +62,8 @@ def flops_per_epoch(method: dict) -> tuple[float, float, float]:
     return theoretical, executed, mask
 
 
-def trivial_trainable(config: dict) -> None:
-    from ray import tune
-
+def trivial_reports(config: dict):
+    """The per-epoch results of ``trivial_trainable`` (a generator: one dict per epoch)."""
     start = time.perf_counter()
     meta = config.get("ssam_tune", {})
     cfg = config["config"]
@@ -79,14 +78,21 @@ def trivial_trainable(config: dict) -> None:
         test = val - 0.01
         if val > best_acc:
             best_acc, best_epoch, test_at_best = val, e, test
-        tune.report({
+        yield {
             "epoch": e, "val_acc": val, "test_acc": test,
             "flops_theoretical": th * e, "flops_executed": ex * e, "flops_mask": mask * e,
             "train_seconds": time.perf_counter() - start,
             "status": "completed" if e == epochs else "running",
             "best_val_acc": best_acc, "best_epoch": best_epoch, "test_acc_at_best": test_at_best,
             "label": meta.get("label", ""),
-        })
+        }
+
+
+def trivial_trainable(config: dict) -> None:
+    from ray import tune
+
+    for metrics in trivial_reports(config):
+        tune.report(metrics)
 
 
 def flaky_trainable(config: dict) -> None:
@@ -124,3 +130,18 @@ def load_space_dict(name: str, num_samples: int, *, scheduler="asha", baselines=
             "max_concurrent_trials": concurrency,
         },
     }
+
+
+def checkpointing_trainable(config: dict) -> None:
+    """``trivial_trainable``'s reports, each with a checkpoint of ``$SSAM_TEST_CKPT_BYTES``
+    bytes (default 1 MiB) of random data: disk measurements without the training."""
+    import tempfile
+
+    from ray import tune
+
+    size = int(os.environ.get("SSAM_TEST_CKPT_BYTES", 1 << 20))
+    for metrics in trivial_reports(config):
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, "checkpoint.bin"), "wb") as fh:
+                fh.write(os.urandom(size))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))

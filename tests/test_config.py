@@ -9,7 +9,7 @@ def test_defaults_are_the_paper_recipe():
     cfg = config_from_dict({})
     assert isinstance(cfg, Config)
     assert (cfg.train.batch_size, cfg.train.lr, cfg.train.momentum) == (128, 0.05, 0.9)
-    assert cfg.method.normalize == "full" and cfg.method.N_F == 128 and cfg.method.alpha == 0.5
+    assert cfg.method.normalize == "auto" and cfg.method.N_F == 128 and cfg.method.alpha == 0.5
     assert cfg.data.name == "embedded"
     assert config_from_dict(config_to_dict(cfg)) == cfg
 

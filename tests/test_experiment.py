@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
-from _helpers import REPO, run_module
+from _helpers import REPO, run_module, write_ray_state
 
 from ssam_tune import experiment as X
 from ssam_tune.experiment import Experiment, atomic_write, is_uri, resolve_storage
@@ -102,3 +102,93 @@ def test_unreachable_storage_is_one_line_exit_2(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--storage: cannot reach nosuchscheme://b/p/quickstart" in lines[0], r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["local", "file_uri"])
+def test_delete_checkpoints_of_a_trial(tmp_path, where):
+    root = tmp_path / "e"
+    for trial in ("a", "b"):
+        for i in (3, 4, 10):
+            (root / f"trial_{trial}" / f"checkpoint_{i:06d}").mkdir(parents=True)
+            (root / f"trial_{trial}" / f"checkpoint_{i:06d}" / "checkpoint.pt").write_bytes(b"x")
+        (root / f"trial_{trial}" / "result.json").write_text("{}\n")
+    (root / "checkpoints" / "a").mkdir(parents=True)
+    (root / "checkpoints" / "a" / "checkpoint.pt").write_bytes(b"own")
+    exp = Experiment(str(root) if where == "local" else f"file://{root}")
+    assert exp.trial_checkpoints("a") == [f"trial_a/checkpoint_{i:06d}" for i in (3, 4, 10)]
+    assert exp.delete_checkpoints("a", keep_newest=True) == 2
+    assert sorted(d.name for d in (root / "trial_a").iterdir()) == ["checkpoint_000010", "result.json"]
+    assert exp.delete_checkpoints("b") == 3
+    assert sorted(d.name for d in (root / "trial_b").iterdir()) == ["result.json"]
+    if where == "local":  # the trial's own copy (local storage only)
+        assert not (root / "checkpoints" / "a").exists()
+    assert exp.trial_checkpoints("missing") == []
+
+
+@pytest.mark.parametrize("where", ["local", "file_uri"])
+def test_trial_statuses_of_the_newest_stored_state(tmp_path, where):
+    root = tmp_path / "e"
+    root.mkdir()
+    exp = Experiment(str(root) if where == "local" else f"file://{root}")
+    assert exp.trial_statuses() == {} and exp.state_file() is None
+    write_ray_state(root, {"a": "RUNNING", "b": "PENDING"}, stamp="2026-12-01_10-00-00")
+    write_ray_state(root, {"a": "TERMINATED", "b": "RUNNING", "c": "ERROR"}, stamp="2026-12-01_11-00-00")
+    assert exp.state_file() == "experiment_state-2026-12-01_11-00-00.json"  # the one Ray restores
+    assert exp.trial_statuses() == {"a": "TERMINATED", "b": "RUNNING", "c": "ERROR"}
+
+
+def test_prune_callback_waits_for_the_stored_state(tmp_path):
+    """A finished trial's checkpoints go only once Ray's experiment state on the storage says
+    it is finished. The reproduction of a resume that failed: the killed driver's upload
+    left this callback's state newer than the experiment state (which still had both trials
+    running, restored from checkpoint_000001); the resumed driver deleted that checkpoint and
+    Ray's restore of the trials failed ("does not exist on storage anymore")."""
+    from types import SimpleNamespace
+
+    from ssam_tune.retention import PruneCheckpoints
+
+    root = tmp_path / "e"
+    for trial in ("pruned", "done"):
+        for i in (1, 2):
+            (root / f"trial_{trial}" / f"checkpoint_{i:06d}").mkdir(parents=True)
+    write_ray_state(root, {"pruned": "RUNNING", "done": "RUNNING"}, stamp="2026-12-01_10-00-00")
+    cb = PruneCheckpoints(Experiment(str(root)), epochs=4)
+    cb.on_trial_complete(0, [], SimpleNamespace(trial_id="pruned", last_result={"epoch": 2, "status": "running"}))
+    cb.on_trial_complete(0, [], SimpleNamespace(trial_id="done", last_result={"epoch": 4, "status": "completed"}))
+    state = cb.get_state()
+    state = cb.get_state()  # snapshots written, none stored yet
+    restored = PruneCheckpoints(Experiment(str(root)), epochs=4)
+    restored.set_state(state)  # a resumed driver restores the stored experiment state
+    restored.get_state()
+    assert len(list(root.glob("trial_*/checkpoint_*"))) == 4
+    write_ray_state(root, {"pruned": "TERMINATED", "done": "TERMINATED"}, stamp="2026-12-01_10-00-05")
+    restored._next_check = 0.0  # (the stored state is read again at most ~5% of the time)
+    assert restored.get_state() == {"finished": []}
+    assert sorted(str(p.relative_to(root)) for p in root.glob("trial_*/checkpoint_*")) == \
+        ["trial_done/checkpoint_000002"]
+
+
+def test_resumed_trial_restored_from_the_newest_checkpoint_left(tmp_path):
+    """Ray deleted the checkpoint a killed driver's stored state points at (keep_checkpoints,
+    before the next state was uploaded): the trial is restored from the newest one left."""
+    from types import SimpleNamespace
+
+    from pyarrow import fs
+    from ray import tune
+
+    from ssam_tune.retention import RestoreFromNewest
+
+    for i in (3, 4):
+        (tmp_path / "trial_a" / f"checkpoint_{i:06d}").mkdir(parents=True)
+
+    def recorded(name):  # a trial's latest_checkpoint_result, as Ray restored it
+        path = str(tmp_path / "trial_a" / name)
+        return SimpleNamespace(checkpoint=tune.Checkpoint(path, filesystem=fs.LocalFileSystem()))
+
+    gone, there = recorded("checkpoint_000002"), recorded("checkpoint_000003")
+    trials = [SimpleNamespace(trial_id="a", status="PENDING", latest_checkpoint_result=gone),
+              SimpleNamespace(trial_id="b", status="PENDING", latest_checkpoint_result=there),
+              SimpleNamespace(trial_id="c", status="PENDING", latest_checkpoint_result=None)]
+    RestoreFromNewest().on_step_begin(0, trials)
+    assert gone.checkpoint.path == str(tmp_path / "trial_a" / "checkpoint_000004")
+    assert there.checkpoint.path == str(tmp_path / "trial_a" / "checkpoint_000003")  # left as recorded

@@ -34,10 +34,12 @@ def test_rows_are_consistent():
 
 
 @pytest.mark.parametrize("key, yes, no", [
-    ("method.rho", {"sam", "ssam_f", "ssam_d", "ssam_random"}, {"sgd"}),
-    ("method.N_F", {"ssam_f"}, {"sgd", "sam", "ssam_d", "ssam_random"}),
-    ("method.alpha", {"ssam_d"}, {"sgd", "sam", "ssam_f", "ssam_random"}),
-    ("method.sparsity", set(SPARSE_METHODS), {"sgd", "sam"}),
+    ("method.rho", {"sam", "ssam_f", "ssam_d", "ssam_random", "sam_on"}, {"sgd"}),
+    ("method.N_F", {"ssam_f"}, {"sgd", "sam", "ssam_d", "ssam_random", "sam_on"}),
+    ("method.alpha", {"ssam_d"}, {"sgd", "sam", "ssam_f", "ssam_random", "sam_on"}),
+    ("method.sparsity", {"ssam_f", "ssam_d", "ssam_random"}, {"sgd", "sam", "sam_on"}),
+    ("method.granularity", {"ssam_f", "ssam_d", "ssam_random"}, {"sgd", "sam", "sam_on"}),
+    ("method.tensor_score", {"ssam_f"}, {"sgd", "sam", "ssam_d", "ssam_random", "sam_on"}),
     ("method.name", set(METHODS), set()),
     ("train.lr", set(METHODS), set()),
 ])
@@ -56,7 +58,7 @@ def test_step_cost_follows_the_cost_rule():
         assert (theo, exe) == pytest.approx(expected, abs=1e-15)
         fm = flops.FlopsModel(F, B, 4)
         cost = fm.mask_update_flops(name, n_params=10, fisher_samples=3)
-        assert cost == {None: 0.0, "fisher": 3 * (F + B), "dynamic": 20.0, "random": 20.0}[m.mask]
+        assert cost == {None: 0.0, "fisher": 3 * (F + B), "dynamic": 20.0, "random": 20.0, "norm": 0.0}[m.mask]
 
 
 def test_space_samples_only_the_keys_a_method_uses(tmp_path):

@@ -39,3 +39,32 @@ def test_asha_rungs_round_trip():
     fresh = make()
     _private.asha_load_rungs(fresh, state)
     assert _private.asha_rungs(fresh) == state
+
+
+def test_trial_restore_checkpoint_access(tmp_path):
+    """What RestoreFromNewest reads and replaces on a real Ray Trial."""
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.experiment import Trial
+
+    trial = Trial("fn", stub=True)
+    assert _private.trial_restore_checkpoint(trial) is None
+    old, new = tmp_path / "checkpoint_000001", tmp_path / "checkpoint_000002"
+    old.mkdir()
+    new.mkdir()
+    trial.run_metadata.checkpoint_manager.register_checkpoint(
+        _TrainingResult(checkpoint=tune.Checkpoint(str(old)), metrics={"epoch": 1}))
+    assert _private.trial_restore_checkpoint(trial).path == str(old)
+    _private.trial_set_restore_checkpoint(trial, tune.Checkpoint(str(new)))
+    assert trial.checkpoint.path == str(new)  # what Ray restores the trial from
+
+
+def test_quiet_train_reports_names_the_logger_ray_train_reports_on():
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    name = _private.quiet_train_reports()
+    assert context.logger.name == name  # the logger of "Reporting training result ..."
+    assert not logging.getLogger(name).isEnabledFor(logging.INFO)
+    assert logging.getLogger(name).isEnabledFor(logging.WARNING)

@@ -79,6 +79,26 @@ def test_end_to_end_search(finished_search):
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
 
 
+def test_checkpoints_of_finished_trials_are_bounded(finished_search):
+    """retain_checkpoints: front (the default): only the front points and the best keep their
+    checkpoints; Ray's are there for them, the trials' own copies are gone for all."""
+    exp = finished_search / "ray" / "fast"
+    out = finished_search / "fast"
+    front = {p["trial_id"] for p in read_rows(out / "pareto.csv")}
+    trials = read_rows(out / "trials.csv")
+    top = max(float(t["val_acc"]) for t in trials if t["status"] == "completed")
+    best = {t["trial_id"] for t in trials if t["status"] == "completed" and float(t["val_acc"]) == top}
+    kept = {t["trial_id"]: sorted(d.name for d in (exp / f"trial_{t['trial_id']}").glob("checkpoint_*"))
+            for t in trials}
+    for t in trials:
+        if t["trial_id"] in front:
+            assert len(kept[t["trial_id"]]) == 1, t["label"]  # the newest
+        elif t["trial_id"] not in best:
+            assert kept[t["trial_id"]] == [], (t["label"], t["status"], kept[t["trial_id"]])
+    assert any(kept[i] for i in best)  # the best (the first of equals) keeps its checkpoints
+    assert not list((exp / "checkpoints").rglob("*.pt"))  # the own copies of finished trials
+
+
 def test_early_stopped_trials_are_pruned_in_optuna(finished_search):
     exp = finished_search / "ray" / "fast"
     study = open_study(str(exp / "optuna.journal"), "fast", "multi")
@@ -135,7 +155,7 @@ def _experiment_done(exp: Path) -> bool:
     return len(trials) == 9 and all(t.get("status") == "TERMINATED" for t in trials)
 
 
-@pytest.mark.parametrize("moment", ["first_trials", "mid_search", "export"])
+@pytest.mark.parametrize("moment", ["before_state", "first_trials", "mid_search", "export"])
 def test_sigkill_driver_then_resume(moment, tmp_path):
     space = fast_space()
     space["train"]["epochs"] = 6
@@ -158,10 +178,13 @@ def test_sigkill_driver_then_resume(moment, tmp_path):
 
     checkpoints = lambda: len(list(exp.glob("checkpoints/*/checkpoint.pt")))  # noqa: E731
     when = {
+        # Ray has written tuner.pkl; the state files are removed after the kill, as a driver
+        # killed before Ray's first snapshot leaves the folder: --resume starts it afresh
+        "before_state": lambda: (exp / "tuner.pkl").exists(),
         "first_trials": lambda: checkpoints() >= 1,
         "mid_search": lambda: checkpoints() >= 4 and len(rung_records()) >= 3,
         # Ray is done with every trial: the driver is writing (or about to write) the exports
-        "export": lambda: _experiment_done(exp) or (tmp_path / "fast").exists(),
+        "export": lambda: _experiment_done(exp) or (tmp_path / "fast" / "trials.csv").exists(),
     }[moment]
     try:
         assert wait_for(when, 600), f"search never reached the kill point {moment}"
@@ -171,6 +194,9 @@ def test_sigkill_driver_then_resume(moment, tmp_path):
     finally:
         kill_group(driver)
         reap_session(driver.pid)  # no worker of the killed run is left to write
+    if moment == "before_state":
+        for f in [*exp.glob("experiment_state-*"), *exp.glob("search*-state-*"), *exp.glob("callback-states-*")]:
+            f.unlink()
     # Read after the kill, when nothing writes any more: a checkpoint (or a result line) read
     # before it could be overtaken by one more epoch of the run being killed.
     before_ckpt = {d.name: load_checkpoint(d / "checkpoint.pt")["epoch"]

@@ -4,7 +4,7 @@ CLIs, define-by-run sampling and the dry run."""
 import optuna
 import pytest
 import yaml
-from _helpers import FAST, HERE, REPO, run_module, write_yaml
+from _helpers import FAST, HERE, REPO, fast_space, run_module, write_yaml
 
 from ssam_tune.config import ConfigError, load_config
 from ssam_tune.run import space_to_dict
@@ -79,6 +79,14 @@ def test_space_round_trips_through_its_dump(tmp_path):
     again = load_space(tmp_path / "s.yaml")
     assert again.base == space.base and again.search == space.search and again.tune == space.tune
     assert [c for _, c in again.fixed_trials()] == [c for _, c in space.fixed_trials()]
+    # a non-default retain_checkpoints is written (the default is left out for older readers)
+    data = fast_space()
+    data["tune"]["retain_checkpoints"] = "all"
+    write_yaml(tmp_path / "all.yaml", data)
+    dumped = space_to_dict(load_space(tmp_path / "all.yaml"))
+    assert dumped["tune"]["retain_checkpoints"] == "all" and "retain_checkpoints" not in space_to_dict(space)["tune"]
+    write_yaml(tmp_path / "all2.yaml", dumped)
+    assert load_space(tmp_path / "all2.yaml").tune.retain_checkpoints == "all"
 
 
 def test_cases_cross_seeds(tmp_path):
@@ -99,3 +107,46 @@ def test_dry_run_prints_space_and_budget(tmp_path):
     assert "trial budget: 9 trials (3 fixed + 6 sampled)" in r.stdout
     assert "method.rho: loguniform [0.02, 0.5]" in r.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_workers_split_the_global_batch_and_are_sized_for_the_cluster(tmp_path):
+    space = fast_space()
+    space["tune"]["resources"] = {"workers": 3, "cpu": 2, "gpu": 1}
+    with pytest.raises(ConfigError, match=r"train.batch_size: 64 does not split evenly over tune.resources.workers=3"):
+        load_space(write_yaml(tmp_path / "a.yaml", space))
+    space["tune"]["resources"] = {"workers": 4, "cpu": 2}
+    space["cases"] = [{"label": "odd", "train": {"batch_size": 30}}]
+    search = space.pop("search")
+    with pytest.raises(ConfigError, match=r"cases\[0\].train.batch_size: 30 does not split evenly"):
+        load_space(write_yaml(tmp_path / "b.yaml", space))
+    space.pop("cases")
+    space["search"] = search
+    space["train"]["sync_bn"] = True
+    with pytest.raises(ConfigError, match=r"train.sync_bn: needs GPU workers"):
+        load_space(write_yaml(tmp_path / "b.yaml", space))
+    space["train"]["sync_bn"] = False
+    space["tune"]["resources"] = {"workers": 4, "cpu": 2, "gpu": 0.5}
+    with pytest.raises(ConfigError, match=r"tune.resources.gpu: 0.5: the workers of a data-parallel trial need a "):
+        load_space(write_yaml(tmp_path / "c.yaml", space))
+    space["search"]["train.batch_size"] = {"type": "int", "low": 64, "high": 256, "step": 2}
+    space["tune"]["resources"] = {"workers": 4, "cpu": 2, "gpu": 1}
+    with pytest.raises(ConfigError, match=r"search.train.batch_size: low and step must be multiples"):
+        load_space(write_yaml(tmp_path / "c.yaml", space))
+    space["search"].pop("train.batch_size")
+    space["train"]["sync_bn"] = True
+    s = load_space(write_yaml(tmp_path / "c.yaml", space))
+    t = s.tune
+    assert t.per_trial() == {"CPU": 8.0, "GPU": 4.0}
+    assert t.trials_that_fit(cpus=64, gpus=8) == 2
+    assert t.trials_that_fit(cpus=12, gpus=8) == 1  # CPU-bound
+    assert t.trials_that_fit(cpus=64, gpus=3) == 0  # a trial needs 4 GPUs
+    assert load_space(write_yaml(tmp_path / "e.yaml", {**fast_space(), "tune": {"resources": {"gpu": 0.5}}})) \
+        .tune.trials_that_fit(cpus=64, gpus=3) == 6  # 1 worker: two trials per GPU
+    again = load_space(write_yaml(tmp_path / "d.yaml", space_to_dict(s)))  # stored and read back
+    assert (again.tune.workers, again.tune.cpu, again.tune.gpu) == (4, 2.0, 1.0)
+    small = smoke(s)
+    assert (small.tune.workers, small.tune.max_concurrent_trials, small.base["train"]["sync_bn"]) == (2, 1, False)
+    r = run_module("ssam_tune.run", str(tmp_path / "c.yaml"), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "4 data-parallel workers (Ray Train) x 2 CPU, 1 GPU = 4 GPUs and 8 CPUs per trial" in r.stdout
+    assert "trials that fit at once on this machine" in r.stdout

@@ -4,7 +4,7 @@ retry of an errored trial, and the sampler settings the space accepts."""
 
 import optuna
 import pytest
-from _helpers import fast_space, write_yaml
+from _helpers import fast_space, write_ray_state, write_yaml
 
 from ssam_tune.config import ConfigError
 from ssam_tune.experiment import Experiment
@@ -100,6 +100,44 @@ def test_restarted_sampler_does_not_replay(tmp_path, sampler):
     states = [t.state.name for t in study_of(space, tmp_path).trials]
     assert states.count("FAIL") == 4 and states.count("RUNNING") == 4
     assert sampler_seed(7, 0) == 7 and sampler_seed(7, 4) != sampler_seed(7, 5)
+
+
+def test_trials_lost_with_rays_state_are_asked_again(tmp_path):
+    """A driver killed in the middle of Ray's upload left the searcher's state newer than the
+    experiment state Ray restores: the trials asked since (an anchor and a sampled trial) are
+    unknown to Ray and never run. The resumed searcher asks for them again instead of
+    counting them as running (with max_concurrent_trials 2 the search waited for ever)."""
+    space = make_space(tmp_path, sampler="random", baselines=["sgd", "sam", "ssam"], num_samples=2)
+    exp = Experiment(str(tmp_path))
+    s = SsamSearcher(space, exp)
+    s.set_max_concurrency(2)
+    assert [s.suggest(t)["ssam_tune"]["label"] for t in ("a", "b")] == ["sgd", "sam"]
+    s.on_trial_complete("a", result(EPOCHS, 0.50, "completed"))
+    s.on_trial_complete("b", result(EPOCHS, 0.60, "completed"))
+    lost = s.suggest("c")["ssam_tune"]["label"], s.suggest("x")["ssam_tune"]
+    s.on_trial_result("x", result(1, 0.3))
+    s.save(str(tmp_path / "searcher.pkl"))  # uploaded; the experiment state of that moment was not
+    write_ray_state(tmp_path, {"a": "RUNNING", "b": "RUNNING"})  # the stored one: before a and b finished
+    again = SsamSearcher(space, exp)
+    again.restore(str(tmp_path / "searcher.pkl"))
+    again.on_trial_result("a", result(4, 0.50))  # Ray runs a and b again from their checkpoints
+    again.on_trial_result("b", result(4, 0.60))
+    assert again.suggest("n1") is None  # two running: the limit
+    again.on_trial_complete("a", result(EPOCHS, 0.50, "completed"))
+    again.on_trial_complete("b", result(EPOCHS, 0.60, "completed"))
+    asked = [again.suggest(t) for t in ("n1", "n2")]
+    assert asked[0]["ssam_tune"]["label"] == lost[0] == "ssam"
+    assert asked[1]["ssam_tune"]["kind"] == "search" and asked[1]["ssam_tune"]["params"] != lost[1]["params"]
+    again.on_trial_complete("n1", result(EPOCHS, 0.55, "completed"))
+    assert again.suggest("n3")["ssam_tune"]["kind"] == "search"  # the second sample of num_samples 2
+    again.on_trial_complete("n2", result(2, 0.4))
+    assert again.suggest("n4") == again.FINISHED
+    study = {t.user_attrs["ray_trial_id"]: t for t in study_of(space, tmp_path).trials}
+    assert study["x"].state == optuna.trial.TrialState.FAIL and study["x"].user_attrs["status"] == "orphaned"
+    assert study["n2"].state == optuna.trial.TrialState.PRUNED
+    assert study["n3"].state == optuna.trial.TrialState.RUNNING
+    assert sorted(t.user_attrs["label"] for t in study.values() if t.user_attrs["kind"] == "baseline") == \
+        ["sam", "sgd", "ssam"]
 
 
 @pytest.mark.parametrize("objective", ["single", "multi"])

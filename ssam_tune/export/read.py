@@ -34,6 +34,10 @@ RAY_KEYS = frozenset({"timestamp", "checkpoint_dir_name", "should_checkpoint", "
                       "config", "time_since_restore", "iterations_since_restore", "experiment_tag",
                       "warmup_time", "episodes_total", "timesteps_total", "timesteps_since_restore",
                       "status", "label", "epoch", "best_val_acc", "best_epoch"})
+# What a per-epoch report keeps in a row's ``_series`` (see :func:`_series_entry`): its epoch,
+# its time and its metrics, i.e. the finite numbers under keys that are not Ray's bookkeeping
+# (best_val_acc, best_epoch and time_total_s are curves too: TensorBoard shows them).
+_NOT_SERIES = RAY_KEYS - {"best_val_acc", "best_epoch", "time_total_s", "epoch", "timestamp"}
 
 
 def read_json(path: Path) -> dict:
@@ -46,23 +50,56 @@ def read_json(path: Path) -> dict:
 
 
 def _read_results(path: Path) -> list[dict]:
-    """The JSON lines of a ``result.json`` in file order (a line cut short by a crash is skipped)."""
-    rows = []
+    """The JSON lines of a ``result.json`` in file order (a line cut short by a crash is
+    skipped), each without its ``config``."""
+    return list(_result_lines(path))
+
+
+def _result_lines(path: Path) -> Iterator[dict]:
+    """:func:`_read_results` one line at a time.
+
+    Ray repeats the whole trial config in every line (about half of a line's text; the
+    config is read from ``params.json``). The first line's ``"config": {...}`` text, as
+    ``json.dumps`` writes it, is replaced by ``null`` in the lines that hold it before they
+    are parsed, which halves the parsing time; a line without that exact text is parsed as
+    it is (and its config dropped after)."""
     try:
-        text = path.read_text()
+        fh = open(path, encoding="utf-8", errors="replace")
     except OSError:
-        return rows
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+        return
+    cut = None
+    with fh:
+        for line in fh:
+            if cut is not None and cut in line:
+                line = line.replace(cut, '"config": null', 1)
+            elif not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(row, dict):
+                continue
+            config = row.pop("config", None)
+            if cut is None and isinstance(config, dict):
+                cut = '"config": ' + json.dumps(config)
+            yield row
+
+
+def _series_entry(row: dict) -> dict:
+    """What ``_series`` keeps of one per-epoch report: epoch, timestamp and every metric
+    (finite int or float, in the report's order), not Ray's bookkeeping (config, date,
+    hostname, pid, node_ip, time_this_iter_s, ...). Values come from ``json.loads``, so exact
+    types suffice (``finite_number`` without its calls: this runs for every key of every line)."""
+    out = {}
+    for k, v in row.items():
+        t = type(v)
+        if k in ("epoch", "timestamp") or ((t is float and v - v == 0.0 or t is int) and k not in _NOT_SERIES):
+            out[_KEYS.setdefault(k, k)] = v  # one string per name, not one per line (~1.5 KB a line)
+    return out
+
+
+_KEYS: dict[str, str] = {}  # the metric names seen, each kept once (json.loads makes new ones per line)
 
 
 def finite_number(value: Any) -> float | None:
@@ -81,6 +118,27 @@ def _per_epoch(rows: list[dict]) -> list[dict]:
         if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1:
             by_epoch[epoch] = row
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _scan_results(path: Path) -> tuple[dict | None, list[dict], str | None, str | None]:
+    """One pass over a ``result.json``: (the newest report, config dropped, or None without
+    one; the per-epoch ``_series`` of :func:`_per_epoch`, each entry trimmed by
+    :func:`_series_entry`; the first and the last ``date``). Only one full report is held at
+    a time: a 2,000-trial search has ~180,000 report lines."""
+    last = None
+    by_epoch: dict[int, dict] = {}
+    first_date = last_date = None
+    for row in _result_lines(path):
+        last = row
+        date = row.get("date")
+        if date:
+            date = str(date)
+            first_date = date if first_date is None or date < first_date else first_date
+            last_date = date if last_date is None or date > last_date else last_date
+        epoch = row.get("epoch")
+        if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1:
+            by_epoch[epoch] = _series_entry(row)
+    return last, [by_epoch[e] for e in sorted(by_epoch)], first_date, last_date
 
 
 _EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Failure|Timeout|Warning|Died)\w*"
@@ -154,8 +212,37 @@ def _known_trial_ids(exp: Path) -> set[str] | None:
     states = sorted(exp.glob(f"{STATE_PREFIX}*.json"))
     if not states:
         return None
+    ids = _state_trial_ids(states[-1])
+    return ids if ids else _parsed_trial_ids(states[-1])
+
+
+# Ray 2.60 stores each trial as a JSON string (indent 2) inside the state file, so a trial's
+# own id is that string's top-level key trial_id, written in the file as \n  \"trial_id\": \"<id>\"
+# (the ids nested deeper, in the config and the last result, are indented further).
+_STATE_ID = re.compile(r'\\n  \\"trial_id\\": \\"([^"\\]+)\\"')
+
+
+def _state_trial_ids(path: Path) -> set[str]:
+    """The trial ids of an experiment state file, found in its text 4 MiB at a time (the file
+    holds ~50 KB per trial; parsing it whole took seconds and hundreds of MiB at 2,000
+    trials). Empty when none is found: the caller then parses the file."""
+    ids: set[str] = set()
+    tail = ""
     try:
-        data = json.loads(states[-1].read_text())
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            while chunk := fh.read(1 << 22):
+                text = tail + chunk
+                ids.update(m.group(1) for m in _STATE_ID.finditer(text))
+                tail = text[-80:]  # a match cut by the chunk boundary is found in the next round
+    except OSError:
+        return set()
+    return ids
+
+
+def _parsed_trial_ids(path: Path) -> set[str] | None:
+    """The trial ids of an experiment state file by parsing it (any layout Ray writes)."""
+    try:
+        data = json.loads(path.read_text())
         ids = set()
         for entry in data["trial_data"]:  # [trial json, runtime json] pairs in Ray 2.60
             first = entry[0] if isinstance(entry, list) else entry
@@ -186,7 +273,7 @@ def _read_trial(path: Path) -> dict:
     params = read_json(path / "params.json")
     meta = params.get("ssam_tune", {}) if isinstance(params.get("ssam_tune"), dict) else {}
     config = _canonical(params.get("config") if isinstance(params.get("config"), dict) else {})
-    rows = _read_results(path / "result.json")
+    last, series, date_first, date_last = _scan_results(path / "result.json")
     error_text = None
     if (path / "error.txt").is_file():
         try:
@@ -195,9 +282,8 @@ def _read_trial(path: Path) -> dict:
             error_text = ""
     epochs = meta.get("epochs") or (config.get("train") or {}).get("epochs")
     epochs = int(epochs) if isinstance(epochs, int) and not isinstance(epochs, bool) else None
-    status = _trial_status(rows, epochs, error_text is not None)
-    series = _per_epoch(rows)
-    last = rows[-1] if rows else {}
+    status = _trial_status([last] if last is not None else [], epochs, error_text is not None)
+    last = last or {}
     trial_id = meta.get("trial_id") or last.get("trial_id") or path.name.removeprefix(TRIAL_PREFIX)
     row: dict[str, Any] = {
         "trial_id": str(trial_id),
@@ -232,9 +318,8 @@ def _read_trial(path: Path) -> dict:
         row["best_val_acc"] = finite_number(last["best_val_acc"])
         row["test_acc_at_best"] = finite_number(last.get("test_acc_at_best", row["test_acc_at_best"]))
     row["time_total_s"] = finite_number(last.get("time_total_s"))
-    dates = sorted(str(r["date"]) for r in rows if r.get("date"))
-    row["date_first"] = dates[0] if dates else None
-    row["date_last"] = dates[-1] if dates else None
+    row["date_first"] = date_first
+    row["date_last"] = date_last
     row["hostname"] = last.get("hostname")
     for key, value in _flatten(config).items():
         row[f"{key}"] = value
@@ -303,7 +388,8 @@ def load_trials(exp_dir: str | os.PathLike, cost_metric: str | None = None) -> l
     model.name, ..., method.rho, ...), and flops_rel: the cost column (``cost_metric``;
     default the space's ``tune.flops_metric``, else flops_theoretical) divided by the
     completed SGD anchor's (None without one). Private keys: ``_series`` (the per-epoch
-    reports), ``_config`` (the nested training config), ``_params`` (the sampled keys).
+    reports: epoch, timestamp and the metrics, see :func:`_series_entry`), ``_config`` (the
+    nested training config), ``_params`` (the sampled keys).
     Rows are sorted: baselines (sgd, sam, ssam), search trials by Optuna number, the rest.
     """
     with local_copy(exp_dir) as exp:

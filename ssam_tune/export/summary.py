@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 from ssam_tune.experiment import STATE_PREFIX
@@ -55,12 +56,19 @@ def _git_commit() -> str | None:
 
 def _hardware() -> str:
     gpu = "none"
+    torch = sys.modules.get("torch")
     try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001
+        if torch is not None:  # the search's own process: torch is loaded already
+            if torch.cuda.is_available():
+                gpu = torch.cuda.get_device_name(0)
+        else:  # an export alone never imports torch (~450 MiB): ask the NVIDIA driver's tool
+            res = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10, check=False)
+            if res.returncode == 0 and res.stdout.strip():
+                gpu = res.stdout.splitlines()[0].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass  # no nvidia-smi: no NVIDIA GPU
+    except Exception:  # noqa: BLE001 - a broken CUDA set-up must not stop the export
         gpu = "unknown"
     return f"{platform.platform()}, {os.cpu_count()} CPUs, GPU: {gpu}"
 

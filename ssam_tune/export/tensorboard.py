@@ -1,64 +1,225 @@
-"""The ``tensorboard/`` folder: one event file per trial (per-epoch scalars, final metrics,
-an HParams session) and the HParams experiment config, written byte-identically from one
-export to the next (tensorboard is imported when writing).
+"""The TensorBoard format of an experiment, owned here: one run per trial,
+``<label>_<trial id>/``, holding the per-epoch scalars (step = epoch), the ``final/*``
+metrics and an HParams session; the HParams experiment config at the top. The live callback
+(:mod:`ssam_tune.tensorboard_live`) appends these events while the search runs; the export
+rebuilds the same runs and tags from the experiment folder, byte-identically from one export
+to the next (tensorboard is imported when writing).
+
+What TensorBoard 2.21 does with them, and why the layout is what it is:
+
+- a run keeps the first metadata it reads for a tag (``plugin_event_accumulator``), so the
+  experiment config is written once, before any trial, and a trial's session (its
+  hyper-parameters and status) once, when the trial ends;
+- the HParams dashboard ticks its first five hyper-parameter columns, after the backend has
+  sorted them by ``(not differs, name)`` (``backend_context``); so ``differs`` is set on
+  exactly the five to show (method, status, the first searched keys). It ticks the first
+  five metrics in the config's order;
+- parallel coordinates leave out a trial without a value on every ticked column, so a key
+  that does not apply to a trial's method gets a sentinel: 0 for a number, "n/a" for text.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ssam_tune.experiment import new_dir, swap_dir
+from ssam_tune.experiment import atomic_write, new_dir, swap_dir
 from ssam_tune.export.front import hp_values
-from ssam_tune.export.read import RAY_KEYS, finite_number
+from ssam_tune.export.read import RAY_KEYS, STATUSES, _flatten, _trial_status, finite_number, sgd_cost_of
 from ssam_tune.export.write import safe_name
 
+NOT_APPLICABLE_NUMBER, NOT_APPLICABLE_TEXT = 0, "n/a"
+KINDS = ("baseline", "search", "case")
+# Columns the HParams dashboard ticks by default: the first SHOWN metrics below, and the
+# SHOWN hyper-parameters marked as differing (see the module doc).
+SHOWN = 5
+# Accuracy and cost first: every trial with a result has them (flops_rel needs the SGD anchor).
+FINAL_METRICS = ("final/val_acc", "final/flops", "final/test_acc", "final/best_val_acc", "final/train_seconds",
+                 "final/flops_rel", "final/flops_theoretical", "final/flops_executed")
+# result.json keys that are bookkeeping, not curves (best_val_acc, best_epoch, time_total_s are curves).
+_NOT_SCALARS = RAY_KEYS - {"best_val_acc", "best_epoch", "time_total_s"}
 
-def _tb_events(row: dict, hp: dict, cost_metric: str) -> list:
-    """TensorBoard events of one trial: per-epoch scalars (step = epoch), an HParams session
-    with the trial's hyper-parameters, and final/* metrics. Times come from the results."""
+
+def run_name(label: str, trial_id: str) -> str:
+    return f"{safe_name(label)}_{trial_id}"
+
+
+def event_file(folder: Path, t0: int) -> Path:
+    """A new event file in ``folder``; a name already taken (a resumed driver) gets a suffix
+    that sorts after it, as TensorBoard reads a run's files in name order."""
+    path, k = folder / f"events.out.tfevents.{t0}.ssam_tune", 0
+    while path.exists():
+        k += 1
+        path = folder / f"events.out.tfevents.{t0}.ssam_tune.{k}"
+    return path
+
+
+def _records(events: Iterable) -> bytes:
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    buf = io.BytesIO()
+    writer = RecordWriter(buf)
+    for ev in events:
+        writer.write(ev.SerializeToString(deterministic=True))  # proto maps: stable order
+    return buf.getvalue()
+
+
+def write_events(path: Path, events: Iterable, append: bool = False) -> None:
+    with open(path, "ab" if append else "wb") as fh:
+        fh.write(_records(events))
+
+
+def drop_sessions(run: Path) -> None:
+    """Rewrite a run's event files without their HParams session. TensorBoard shows the first
+    session a run holds; a trial that runs again (an errored trial retried by ``--resume``)
+    writes a new one when it ends."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.plugins.hparams import metadata
+
+    tags = {metadata.SESSION_START_INFO_TAG, metadata.SESSION_END_INFO_TAG}
+    for path in sorted(run.glob("events.out.tfevents.*")):
+        events = [event_pb2.Event.FromString(r) for r in RawEventFileLoader(str(path)).Load()]
+        kept = [e for e in events if not any(v.tag in tags for v in e.summary.value)]
+        if len(kept) < len(events):
+            atomic_write(path, _records(kept))
+
+
+def header_event(t0: float):
+    from tensorboard.compat.proto import event_pb2
+
+    return event_pb2.Event(wall_time=float(t0), file_version="brain.Event:2")
+
+
+def epoch_event(result: Mapping):
+    """The scalars of one per-epoch result (step = epoch, time = its timestamp); None for a
+    result that is not an epoch >= 1 (the exports' rows skip those too)."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+
+    epoch = result.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        return None
+    values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in result.items()
+              if k not in _NOT_SCALARS and finite_number(v) is not None]
+    wall = finite_number(result.get("timestamp")) or 0.0
+    return event_pb2.Event(wall_time=wall, step=epoch, summary=summary_pb2.Summary(value=values))
+
+
+def _field(key: str):
+    """The config schema's field of a dotted key (None for a key the schema lacks)."""
+    from ssam_tune.config import SECTIONS, Config
+
+    section, _, name = key.rpartition(".")
+    cls = SECTIONS.get(section) if section else Config
+    return next((f for f in dataclasses.fields(cls) if f.name == name), None) if cls else None
+
+
+def _is_number(key: str) -> bool:
+    f = _field(key)
+    return f is not None and isinstance(f.default, (int, float)) and not isinstance(f.default, bool)
+
+
+def trial_hparams(config: Mapping, label: str, kind: str, status: str, keys: list[str]) -> dict:
+    """The HParams of a trial (``config``: its nested training config): method.name, every key
+    in ``keys`` (a sentinel where it does not apply to the method), label, status, kind."""
+    flat = _flatten(dict(config))
+    hp: dict[str, Any] = {"method.name": str(flat.get("method.name"))}
+    for k, v in hp_values(flat, keys).items():
+        if v is None:
+            hp[k] = NOT_APPLICABLE_NUMBER if _is_number(k) else NOT_APPLICABLE_TEXT
+        elif _is_number(k) and finite_number(v) is not None:
+            hp[k] = v
+        else:
+            hp[k] = str(v).lower() if isinstance(v, bool) else str(v)
+    hp.update(label=label, status=status, kind=kind or "")
+    return hp
+
+
+def final_metrics(values: Mapping, cost_metric: str, sgd_cost: float | None) -> dict:
+    """The final/* metrics of a trial from its last values (a trials.csv row or the last
+    result); flops_rel is the cost over the completed SGD anchor's, as in trials.csv."""
+    cost = finite_number(values.get(cost_metric))
+    finals = {"final/val_acc": values.get("val_acc"), "final/flops": cost, "final/test_acc": values.get("test_acc"),
+              "final/best_val_acc": values.get("best_val_acc"), "final/train_seconds": values.get("train_seconds"),
+              "final/flops_rel": cost / sgd_cost if cost is not None and sgd_cost else None,
+              "final/flops_theoretical": values.get("flops_theoretical"),
+              "final/flops_executed": values.get("flops_executed")}
+    return {k: float(v) for k, v in finals.items() if finite_number(v) is not None}
+
+
+def end_events(run: str, hp: dict, finals: dict, t0: float, t1: float, step: int) -> list:
+    """A trial's closing events: its HParams session (group name = run name), its final/*
+    metrics at its last epoch and, unless pruned or pending, TensorBoard's session status."""
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
     from tensorboard.plugins.hparams import summary_v2 as hp_api
 
-    series = row["_series"]
-    times = [int(r["timestamp"]) for r in series if finite_number(r.get("timestamp")) is not None]
-    t0 = float(min(times)) if times else 0.0
-    t1 = float(max(times)) if times else 0.0
-    events = [event_pb2.Event(wall_time=t0, file_version="brain.Event:2")]
-    for r in series:
-        wall = float(r["timestamp"]) if finite_number(r.get("timestamp")) is not None else t0
-        shown = RAY_KEYS - {"best_val_acc", "best_epoch", "time_total_s"}
-        values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in r.items()
-                  if k not in shown and finite_number(v) is not None]
-        events.append(event_pb2.Event(wall_time=wall, step=int(r["epoch"]), summary=summary_pb2.Summary(value=values)))
-    session = hp_api.hparams_pb(hp, trial_id=row["trial_id"], start_time_secs=t0)
-    events.append(event_pb2.Event(wall_time=t0, step=0, summary=_stable_hparams(session)))
-    step = int(row["epochs_reached"])
-    finals = {"final/val_acc": row.get("val_acc"), "final/test_acc": row.get("test_acc"),
-              "final/best_val_acc": row.get("best_val_acc"), "final/flops": row.get(cost_metric),
-              "final/flops_rel": row.get("flops_rel"), "final/flops_theoretical": row.get("flops_theoretical"),
-              "final/flops_executed": row.get("flops_executed"), "final/train_seconds": row.get("train_seconds")}
-    values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in finals.items() if v is not None]
-    if values:
+    session = hp_api.hparams_pb(hp, trial_id=run, start_time_secs=t0)
+    events = [event_pb2.Event(wall_time=t0, step=0, summary=_stable_hparams(session))]
+    if finals:
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in finals.items()]
         events.append(event_pb2.Event(wall_time=t1, step=step, summary=summary_pb2.Summary(value=values)))
     status = {"completed": api_pb2.STATUS_SUCCESS, "diverged": api_pb2.STATUS_FAILURE,
-              "errored": api_pb2.STATUS_FAILURE}.get(row["status"])  # pruned: no TB status fits
+              "errored": api_pb2.STATUS_FAILURE}.get(hp["status"])  # pruned: no TB status fits
     if status is not None:
         data = plugin_data_pb2.HParamsPluginData(
             session_end_info=plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=t1))
-        end = summary_pb2.Summary(value=[summary_pb2.Summary.Value(
-            tag=metadata.SESSION_END_INFO_TAG, metadata=metadata.create_summary_metadata(data),
-            tensor=metadata.NULL_TENSOR)])
-        events.append(event_pb2.Event(wall_time=t1, step=step, summary=end))
+        events.append(event_pb2.Event(wall_time=t1, step=step, summary=_plugin_summary(metadata.SESSION_END_INFO_TAG,
+                                                                                        data)))
     return events
 
 
-FINAL_METRICS = ("final/val_acc", "final/test_acc", "final/best_val_acc", "final/flops", "final/flops_rel",
-                 "final/flops_theoretical", "final/flops_executed", "final/train_seconds")
+def trial_status(last: Mapping | None, epochs: int | None, errored: bool) -> str:
+    """trials.csv's status of a trial that ended with result ``last``."""
+    return _trial_status([last] if last else [], epochs, errored)
+
+
+def _choices(name: str) -> list[str] | None:
+    """The values a text column takes, where known: the dashboard's filter checkboxes."""
+    from ssam_tune.methods import METHODS
+
+    fixed = {"method.name": METHODS, "status": STATUSES, "kind": KINDS}
+    if name in fixed:
+        return list(fixed[name])
+    f = _field(name)
+    choices = ("true", "false") if f is not None and isinstance(f.default, bool) else \
+        f.metadata.get("choices") if f is not None else None
+    return [*(str(c) for c in choices if c is not None), NOT_APPLICABLE_TEXT] if choices else None
+
+
+def experiment_events(keys: list[str], t: float) -> list:
+    """The top run's events: the HParams experiment config (every column, its type and, for
+    text, its values where known) with ``differs`` set on the columns to show (module doc)."""
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    shown = ["method.name", "status", *keys][:SHOWN]  # keys: the searched ones first (front.hp_keys)
+    infos = []
+    for name in ["method.name", *keys, "label", "status", "kind"]:
+        info = api_pb2.HParamInfo(name=name, differs=name in shown)
+        if _is_number(name):
+            info.type = api_pb2.DATA_TYPE_FLOAT64
+        else:
+            info.type = api_pb2.DATA_TYPE_STRING
+            if choices := _choices(name):
+                info.domain_discrete.extend(choices)
+        infos.append(info)
+    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=m)) for m in FINAL_METRICS]
+    data = plugin_data_pb2.HParamsPluginData(
+        experiment=api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics, time_created_secs=t))
+    return [header_event(t), event_pb2.Event(wall_time=t, summary=_plugin_summary(metadata.EXPERIMENT_TAG, data))]
+
+
+def _plugin_summary(tag: str, data):
+    from tensorboard.compat.proto import summary_pb2
+    from tensorboard.plugins.hparams import metadata
+
+    return _stable_hparams(summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+        tag=tag, metadata=metadata.create_summary_metadata(data), tensor=metadata.NULL_TENSOR)]))
 
 
 def _stable_hparams(summary):
@@ -73,66 +234,28 @@ def _stable_hparams(summary):
     return summary
 
 
-def _write_events(path: Path, events: Iterable) -> None:
-    from tensorboard.summary.writer.record_writer import RecordWriter
-
-    buf = io.BytesIO()
-    writer = RecordWriter(buf)
-    for ev in events:
-        writer.write(ev.SerializeToString(deterministic=True))  # proto maps: stable order
-    path.write_bytes(buf.getvalue())
-
-
-def _tb_hparams(row: dict, keys: list[str]) -> dict:
-    """The HParams of a trial: method.name, the key hyper-parameters that apply, label, status, kind."""
-    hp: dict[str, Any] = {"method.name": str(row.get("method.name"))}
-    for k, v in hp_values(row, keys).items():
-        if isinstance(v, (bool, int, float, str)):
-            hp[k] = v
-    hp.update(label=row["label"], status=row["status"], kind=row["kind"] or "")
-    return hp
-
-
-def _hp_domain(values: list):
-    from tensorboard.plugins.hparams import summary_v2 as hp_api
-
-    if values and all(isinstance(v, str) for v in values):
-        return hp_api.Discrete(sorted(set(values)))
-    if values and all(isinstance(v, bool) for v in values):
-        return hp_api.Discrete(sorted(set(values)))
-    if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return hp_api.RealInterval(float(min(values)), float(max(values)))
-    return None
-
-
 def write_tensorboard(rows: list[dict], dest: Path, keys: list[str], cost_metric: str) -> int:
     """Rebuild ``dest`` (built in a temporary folder, then swapped in): one run per trial plus
     the HParams experiment config at the top. Returns the number of runs."""
-    from tensorboard.plugins.hparams import summary_v2 as hp_api
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     build = new_dir(dest.parent, dest.name)
+    sgd_cost = sgd_cost_of(rows, cost_metric)
     try:
-        all_hp, starts = [], []
+        starts = []
         for row in rows:
-            hp = _tb_hparams(row, keys)
-            all_hp.append(hp)
-            run = build / f"{safe_name(row['label'])}_{row['trial_id']}"
+            series = row["_series"]
+            times = [int(r["timestamp"]) for r in series if finite_number(r.get("timestamp")) is not None]
+            t0, t1 = (min(times), max(times)) if times else (0, 0)
+            run = build / run_name(row["label"], row["trial_id"])
             run.mkdir()
-            events = _tb_events(row, hp, cost_metric)
-            t0 = int(events[0].wall_time)
+            hp = trial_hparams(row["_config"], row["label"], row["kind"], row["status"], keys)
+            events = [header_event(t0), *[ev for ev in map(epoch_event, series) if ev is not None],
+                      *end_events(run.name, hp, final_metrics(row, cost_metric, sgd_cost), t0, t1,
+                                  row["epochs_reached"])]
+            write_events(event_file(run, t0), events)
             starts.append(t0)
-            _write_events(run / f"events.out.tfevents.{t0}.ssam_tune", events)
-        names = list(dict.fromkeys(k for hp in all_hp for k in hp))
-        hparams = [hp_api.HParam(n, _hp_domain([hp[n] for hp in all_hp if n in hp])) for n in names]
-        metrics = [hp_api.Metric(m) for m in FINAL_METRICS]
-        from tensorboard.compat.proto import event_pb2
-
-        t = float(min((x for x in starts if x > 0), default=0))
-        config = _stable_hparams(hp_api.hparams_config_pb(hparams, metrics, time_created_secs=t))
-        _write_events(build / f"events.out.tfevents.{int(t)}.ssam_tune",
-                      [event_pb2.Event(wall_time=t, file_version="brain.Event:2"),
-                       event_pb2.Event(wall_time=t, summary=config)])
+        t = min((x for x in starts if x > 0), default=0)
+        write_events(event_file(build, t), experiment_events(keys, t))
         swap_dir(build, dest)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
