@@ -177,12 +177,15 @@ def test_sigkill_driver_then_resume(moment, tmp_path):
         return {(m, t): tuple(v) for m, rec in data["rungs"].items() for t, v in rec.items()}
 
     checkpoints = lambda: len(list(exp.glob("checkpoints/*/checkpoint.pt")))  # noqa: E731
+    # trials that reported at least once (a finished trial's own checkpoint copy is deleted
+    # once Ray's stored state says it is done, so copies count only live trials: at most 2)
+    started = lambda: sum(1 for f in exp.glob("trial_*/result.json") if f.stat().st_size)  # noqa: E731
     when = {
         # Ray has written tuner.pkl; the state files are removed after the kill, as a driver
         # killed before Ray's first snapshot leaves the folder: --resume starts it afresh
         "before_state": lambda: (exp / "tuner.pkl").exists(),
         "first_trials": lambda: checkpoints() >= 1,
-        "mid_search": lambda: checkpoints() >= 4 and len(rung_records()) >= 3,
+        "mid_search": lambda: started() >= 4 and len(rung_records()) >= 3 and checkpoints() >= 1,
         # Ray is done with every trial: the driver is writing (or about to write) the exports
         "export": lambda: _experiment_done(exp) or (tmp_path / "fast" / "trials.csv").exists(),
     }[moment]
