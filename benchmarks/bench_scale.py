@@ -513,7 +513,8 @@ def main() -> int:
     p.add_argument("--export-trials", type=int, default=None, help="(a) trials (default 2000)")
     p.add_argument("--export-epochs", type=int, default=200, help="(a) epochs of a full trial (default 200)")
     p.add_argument("--export-rounds", type=int, default=2, help="(a) exports per side (default 2)")
-    p.add_argument("--before", default="179fbe6", help="(a) commit whose ssam_tune is the 'before' export")
+    # 5583d0f: before the C CRC-32C framing; older commits refuse the current space.yaml keys
+    p.add_argument("--before", default="5583d0f", help="(a) commit whose ssam_tune is the 'before' export")
     p.add_argument("--trials", type=int, default=None, help="(b) trials (default 2000)")
     p.add_argument("--overhead-trials", type=int, default=None, help="(c) trials per side (default 100)")
     p.add_argument("--pairs", type=int, default=None, help="(c) bare/ssam-tune pairs (default 4)")

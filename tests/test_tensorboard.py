@@ -159,3 +159,30 @@ def test_ray_loggers_of_an_older_experiment_stay_on_when_resumed(tmp_path, monke
     with ray_tensorboard_off(exp, resume=True):
         assert os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "0"
     assert os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "x"  # put back
+
+
+def test_event_records_are_byte_identical_to_tensorboards_record_writer():
+    """The export frames events itself (a C CRC-32C): the bytes must be what tensorboard's own
+    RecordWriter writes, for every kind of event the export writes and for large records."""
+    import io
+
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from ssam_tune.export import tensorboard as tb
+
+    hp = {"method.name": "ssam_f", "method.rho": 0.05, "status": "completed", "label": "optuna3"}
+    big = event_pb2.Event(summary=summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=f"t{i}", simple_value=i / 7) for i in range(5000)]))  # > 64 KiB
+    events = [tb.header_event(1.5e9), tb.epoch_event({"epoch": 3, "timestamp": 1.5e9, "val_acc": 0.5,
+                                                      "train_loss": 1.25, "flops": 3e15}),
+              *tb.end_events("optuna3_abc", hp, {"final/val_acc": 0.5}, 1.5e9, 1.6e9, 3),
+              *tb.experiment_events(["method.rho"], 1.5e9), big, event_pb2.Event()]
+    events = [e for e in events if e is not None]
+    assert len(events) >= 6 and len(big.SerializeToString()) > 65536
+    buf = io.BytesIO()
+    writer = RecordWriter(buf)
+    for ev in events:
+        writer.write(ev.SerializeToString(deterministic=True))
+    assert tb._records(events) == buf.getvalue()
+    assert tb._records([]) == b""
