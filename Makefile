@@ -25,6 +25,7 @@ quickstart: venv
 
 lint: venv
 	$(BIN)/python -m ruff check .
+	$(BIN)/lint-imports --no-cache
 
 test: lint
 	$(BIN)/python -m pytest -q tests

@@ -1,6 +1,6 @@
 """A synthetic Sparse-SAM training run with a known answer, for ``bench_search.py``.
 
-:func:`synthetic_trainable` stands in for :func:`ssam_tune.trainable.train_trial`: it receives
+:func:`synthetic_trainable` stands in for :func:`ssam_tune.tuning.trainable.train_trial`: it receives
 ``{"ssam_tune": bookkeeping, "config": full training config}`` and reports, every epoch, the
 metrics the searcher, the schedulers and the exports read (epoch, val_acc, test_acc, the three
 cumulative FLOPs counters, train_seconds, status, best_val_acc, best_epoch, test_acc_at_best,

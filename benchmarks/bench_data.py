@@ -3,7 +3,7 @@
 Both pipelines apply the same CIFAR recipe to the same images (the embedded train set,
 5,000 images, val_fraction 0): random crop 32 with 4-pixel zero padding, horizontal flip,
 normalisation, 16 px cutout; one epoch in shuffled batches of 128. The tensor pipeline
-is ``ssam_tune.data.iterate_batches(..., augment=True)``; the baseline is a torchvision
+is ``ssam_tune.training.data.iterate_batches(..., augment=True)``; the baseline is a torchvision
 ``DataLoader`` with PIL transforms in worker processes, the usual CIFAR training setup.
 
 Usage: python benchmarks/bench_data.py [--epochs 5] [--workers 2] > benchmarks/bench_data.txt
@@ -22,8 +22,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from ssam_tune import batches as B
-from ssam_tune import data as D
+from ssam_tune.training import batches as B
+from ssam_tune.training import data as D
 
 NAME = Path(__file__).stem
 BATCH = 128

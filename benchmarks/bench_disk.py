@@ -51,7 +51,7 @@ def checkpoint_bytes(root: Path) -> int:
 def run(retain: str, trials: int, tmp: Path) -> dict:
     from ssam_tune.export.read import load_trials
     from ssam_tune.run import run_search
-    from ssam_tune.space import load_space
+    from ssam_tune.tuning.space import load_space
 
     space_dict = load_space_dict(f"disk_{retain}", trials - 3, scheduler="asha")
     space_dict["tune"]["scheduler"]["type"] = "mo_asha"

@@ -1,4 +1,4 @@
-"""ssam_tune.masks.fisher_scores against a batch-size-1 loop with the same BatchNorm mode.
+"""ssam_tune.method.masks.fisher_scores against a batch-size-1 loop with the same BatchNorm mode.
 
 Model: CIFAR ResNet-18 (10 classes) at reduced width on CPU (default 0.5; full width 1.0 with
 --device cuda), random 32x32 inputs and labels. For N_F in {128, 512} and for both BatchNorm
@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from _common import Tee, add_device_args, header, interleave, output_path, paired_ratio, setup
 
-from ssam_tune.masks import fisher_scores
-from ssam_tune.models import build_model, count_params
+from ssam_tune.method.masks import fisher_scores
+from ssam_tune.training.models import build_model, count_params
 
 NAME = Path(__file__).stem
 

@@ -6,7 +6,7 @@ Three measurements in one run, on one machine (a fresh local Ray for each experi
     a time, 0.5 CPU each) through ``ssam_tune.run.run_search`` with the trivial trainable of
     ``tests/_trivial.py``. The driver's resident memory (VmRSS of this process, from
     /proc/self/status) is read at the moment the searcher is told of the 50th, 100th, ...,
-    500th finished trial: ``ssam_tune.search.SsamSearcher`` is replaced, for this run only,
+    500th finished trial: ``ssam_tune.tuning.search.SsamSearcher`` is replaced, for this run only,
     by a subclass whose ``on_trial_complete`` counts and reads VmRSS before calling the
     real one (``run_search`` imports the class at call time, so it picks the subclass up;
     nothing else changes). Target: RSS(500) / RSS(50) <= 1.5.
@@ -96,7 +96,7 @@ SEARCHER_S = {"suggest": 0.0, "on_trial_result": 0.0, "on_trial_complete": 0.0}
 def instrumented_searcher(marks: set[int]):
     """SsamSearcher that counts finished trials (reading VmRSS at ``marks``) and adds up the
     driver time spent in its own calls (Optuna ask/tell and the journal file)."""
-    from ssam_tune.search import SsamSearcher
+    from ssam_tune.tuning.search import SsamSearcher
 
     class InstrumentedSearcher(SsamSearcher):
         def suggest(self, trial_id):
@@ -130,8 +130,8 @@ def instrumented_searcher(marks: set[int]):
 
 @contextlib.contextmanager
 def searcher_patched(marks: set[int]):
-    """run_search imports SsamSearcher from ssam_tune.search at call time: swap it for the run."""
-    import ssam_tune.search as S
+    """run_search imports SsamSearcher from ssam_tune.tuning.search at call time: swap it for the run."""
+    import ssam_tune.tuning.search as S
 
     real = S.SsamSearcher
     S.SsamSearcher = instrumented_searcher(marks)
@@ -168,7 +168,7 @@ def memory_run(n_trials: int, tmp: Path) -> None:
     import csv
 
     from ssam_tune.run import run_search
-    from ssam_tune.space import load_space
+    from ssam_tune.tuning.space import load_space
 
     marks = sorted({m for m in (50, 100, 200, 300, 400, 500, n_trials) if m <= n_trials} |
                    ({10} if n_trials < 100 else set()))
@@ -242,7 +242,7 @@ def bare_run(n: int, tmp: Path, name: str) -> dict:
     import ray
     from ray import tune
 
-    from ssam_tune.space import load_space
+    from ssam_tune.tuning.space import load_space
 
     base = load_space(tmp / "b.yaml", data=load_space_dict("b", 1)).base
     cfg = json.loads(json.dumps(base))
@@ -269,7 +269,7 @@ def bare_run(n: int, tmp: Path, name: str) -> dict:
 
 def ssam_run(n: int, tmp: Path, name: str) -> dict:
     from ssam_tune.run import run_search
-    from ssam_tune.space import load_space
+    from ssam_tune.tuning.space import load_space
 
     space = load_space(tmp / f"{name}.yaml", data=load_space_dict(name, n, scheduler="none", baselines=[]))
     assert space.budget() == n

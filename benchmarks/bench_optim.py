@@ -7,7 +7,7 @@ restore plus the base SGD step (lr=0.05, momentum=0.9, weight_decay=5e-4, foreac
 
 Variants, all on the SAME parameter tensors (each optimizer keeps its own state):
 
-- ``SAM``, ``SSAM50``, ``SSAM90``: ssam_tune.optim with random masks (normalize="full").
+- ``SAM``, ``SSAM50``, ``SSAM90``: ssam_tune.method.optim with random masks (normalize="full").
 - ``SAM-loop``, ``SSAM50-loop``, ``SSAM90-loop``: the reference code's per-parameter Python
   loop, written below (norm of torch.stack of per-parameter norms; e = g * scale * mask with
   a float32 mask copy as the reference stores it; p.add_(e); e kept in a dict; then
@@ -34,8 +34,8 @@ import torch
 from _common import Tee, add_device_args, header, interleave, output_path, paired_ratio, setup
 
 from ssam_tune import SAM, SSAM
-from ssam_tune.masks import random_mask
-from ssam_tune.models import build_model
+from ssam_tune.method.masks import random_mask
+from ssam_tune.training.models import build_model
 
 NAME = Path(__file__).stem
 BASE = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}

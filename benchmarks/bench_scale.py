@@ -95,7 +95,7 @@ def rss():  # VmHWM: this process's peak. ru_maxrss would not do: Linux carries 
     # so a child of this (large) benchmark process would start at the parent's RSS.
     with open("/proc/self/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024.0
-import ssam_tune.export, ssam_tune.study, matplotlib.figure, matplotlib.backends.backend_agg  # noqa
+import ssam_tune.export, ssam_tune.tuning.study, matplotlib.figure, matplotlib.backends.backend_agg  # noqa
 import tensorboard.compat.proto.event_pb2, tensorboard.plugins.hparams.summary_v2, yaml  # noqa
 import ssam_tune
 base = rss()
@@ -194,7 +194,7 @@ SEARCHER_S = {"suggest": 0.0, "on_trial_result": 0.0, "on_trial_complete": 0.0}
 
 
 def instrumented_searcher(marks: set[int]):
-    from ssam_tune.search import SsamSearcher
+    from ssam_tune.tuning.search import SsamSearcher
 
     class InstrumentedSearcher(SsamSearcher):
         def suggest(self, trial_id):
@@ -228,8 +228,8 @@ def instrumented_searcher(marks: set[int]):
 
 @contextlib.contextmanager
 def searcher_patched(marks: set[int]):
-    """run_search imports SsamSearcher from ssam_tune.search at call time: swap it for the run."""
-    import ssam_tune.search as S
+    """run_search imports SsamSearcher from ssam_tune.tuning.search at call time: swap it for the run."""
+    import ssam_tune.tuning.search as S
 
     real = S.SsamSearcher
     S.SsamSearcher = instrumented_searcher(marks)
@@ -245,8 +245,8 @@ def searcher_patched(marks: set[int]):
 @contextlib.contextmanager
 def rung_writes_counted(box: dict):
     """Count the scheduler's results and decisions and the writes of asha_rungs.json."""
-    from ssam_tune import schedulers
-    from ssam_tune.experiment import RUNGS_FILE, Experiment
+    from ssam_tune.storage.experiment import RUNGS_FILE, Experiment
+    from ssam_tune.tuning import schedulers
 
     real_write, real_result = Experiment.write_text, schedulers.MOASHA.on_trial_result
 
@@ -294,7 +294,7 @@ def memory_part(n_trials: int, tmp: Path) -> None:
     import csv
 
     from ssam_tune.run import run_search
-    from ssam_tune.space import load_space
+    from ssam_tune.tuning.space import load_space
 
     first = 200 if n_trials >= 400 else max(10, n_trials // 10)
     marks = sorted({m for m in (first, 500, 1000, 1500, n_trials) if first <= m <= n_trials})
@@ -353,7 +353,7 @@ def bare_memory(n_trials: int, tmp: Path) -> None:
     import ray
     from ray import tune
 
-    from ssam_tune.space import load_space
+    from ssam_tune.tuning.space import load_space
 
     first = 200 if n_trials >= 400 else max(10, n_trials // 10)
     marks, seen = {first, n_trials}, {}
@@ -419,7 +419,7 @@ def bare_run(n: int, tmp: Path, name: str) -> dict:
     import ray
     from ray import tune
 
-    from ssam_tune.space import load_space
+    from ssam_tune.tuning.space import load_space
 
     base = load_space(tmp / "b.yaml", data=load_space_dict("b", 1)).base
     cfg = json.loads(json.dumps(base))
@@ -446,7 +446,7 @@ def bare_run(n: int, tmp: Path, name: str) -> dict:
 
 def ssam_run(n: int, tmp: Path, name: str) -> dict:
     from ssam_tune.run import run_search
-    from ssam_tune.space import load_space
+    from ssam_tune.tuning.space import load_space
 
     space = load_space(tmp / f"{name}.yaml", data=load_space_dict(name, n, scheduler="none", baselines=[]))
     assert space.budget() == n

@@ -278,7 +278,7 @@ def score(out: Path, truth: Truth, epochs: int) -> dict:
 
 def run_one(strategy: str, seed: int, args, budget: int, truth: Truth, tmp: Path) -> dict:
     from ssam_tune.run import run_search
-    from ssam_tune.space import load_space
+    from ssam_tune.tuning.space import load_space
 
     name = f"{strategy.replace('+', '-')}-s{seed}"
     space = load_space(tmp / f"{name}.yaml", data=space_dict(strategy, name, seed, args.epochs, args.grace,
@@ -442,7 +442,7 @@ def main() -> int:
     n_cases = len(grid_cases())
     grid_epochs = n_cases * args.epochs
     budget = int(args.budget * grid_epochs)
-    from ssam_tune.space import milestones
+    from ssam_tune.tuning.space import milestones
 
     emit(f"# synthetic search benchmark{' (--quick)' if args.quick else ''}: {args.seeds} seeds x "
          f"{len(strategies)} strategies, {args.epochs} epochs per full run, 2 trials at a time x 1 CPU")

@@ -61,11 +61,11 @@ import torch.nn.functional as F
 from _common import Tee, add_device_args, header, interleave, output_path, paired_ratio, setup
 
 from ssam_tune import SAM, SSAM
-from ssam_tune.batches import sample_for_fisher
-from ssam_tune.data import load_dataset
-from ssam_tune.flops import backward_flops_per_tensor, forward_backward_flops
-from ssam_tune.masks import fisher_scores, mask_stats, norm_mask, random_mask
-from ssam_tune.models import build_model, count_params
+from ssam_tune.method.flops import backward_flops_per_tensor, forward_backward_flops
+from ssam_tune.method.masks import fisher_scores, mask_stats, norm_mask, random_mask
+from ssam_tune.training.batches import sample_for_fisher
+from ssam_tune.training.data import load_dataset
+from ssam_tune.training.models import build_model, count_params
 
 NAME = Path(__file__).stem
 BASE = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}

@@ -1,7 +1,7 @@
 """Training throughput of SGD, SAM, SSAM-F (tensor, 50%) and SAM-ON through the real training
 loop, eager and with ``train.compile: true``, with the model FLOPs utilisation (MFU).
 
-Runs ssam_tune.train.Trainer's epoch loop (``Trainer._train_epoch``: in-memory data on the
+Runs ssam_tune.training.trainer.Trainer's epoch loop (``Trainer._train_epoch``: in-memory data on the
 device, vectorised augmentation, mask refreshes, the SSAM pass at w inside
 ``opt.first_pass()``) on the embedded CIFAR-10 subset, ResNet-18 (CIFAR variant), one trainer
 per method and mode, all from the same initial weights. On CUDA: full width, batch 128, bf16
@@ -46,7 +46,7 @@ FLOPs per image: the Trainer's own accounting of the executed step, the increase
 ``trainer.tracker["flops_executed"]`` over the timed epoch (what the ``flops_steps_executed``
 metric sums) divided by the epoch's ``train_images``: F + B for SGD, 2F + B1 + B for the
 others, B1 the backward of the pass at w measured with that pass's requires-grad set
-(ssam_tune.flops, FlopCounterMode on a meta-device copy: convolutions and matmuls, 2 FLOPs per
+(ssam_tune.method.flops, FlopCounterMode on a meta-device copy: convolutions and matmuls, 2 FLOPs per
 multiply-add). The Fisher refresh of SSAM-F (``flops_mask``) is not counted, though its time
 is in the epoch: its MFU is a little low for that. MFU = FLOPs per image x img/s / measured
 matmul rate (not the data-sheet peak).
@@ -71,9 +71,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from _common import Tee, header, interleave, sync  # noqa: E402
 
-from ssam_tune.config import config_from_dict  # noqa: E402
-from ssam_tune.data import load_dataset  # noqa: E402
-from ssam_tune.train import Trainer  # noqa: E402
+from ssam_tune.training.config import config_from_dict  # noqa: E402
+from ssam_tune.training.data import load_dataset  # noqa: E402
+from ssam_tune.training.trainer import Trainer  # noqa: E402
 
 NAME = Path(__file__).stem
 # key: (label, method section)

@@ -1,6 +1,6 @@
 """Data-parallel training steps of the real Trainer: 1 worker against 2 workers (gloo, CPU).
 
-``ssam_tune.train.Trainer`` is data-parallel when a torch.distributed process group is
+``ssam_tune.training.trainer.Trainer`` is data-parallel when a torch.distributed process group is
 initialised: ``train.batch_size`` is the global batch, each rank trains on its half of it,
 and gradients are averaged after both SAM passes (ssam_tune/distributed.py). This script
 times whole epochs of ``Trainer._train_epoch()`` (divided by ``trainer.steps_per_epoch``) for
@@ -47,7 +47,7 @@ SETUPS = {"1w x 1t": (1, 1), "1w x 2t": (1, 2), "2w x 1t": (2, 1)}  # name: (wor
 
 
 def make_config(method: str, args: argparse.Namespace):
-    from ssam_tune.config import config_from_dict
+    from ssam_tune.training.config import config_from_dict
 
     return config_from_dict({
         "seed": 0,
@@ -63,7 +63,7 @@ def worker(rank: int, setup: str, world: int, threads: int, args: argparse.Names
     """One process of a set-up: build a Trainer per method, then run the epochs it is sent."""
     torch.set_num_threads(threads)
     try:
-        from ssam_tune.train import Trainer, load_data
+        from ssam_tune.training.trainer import Trainer, load_data
 
         if world > 1:
             dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,

@@ -1,6 +1,6 @@
 """Does SAM-family training beat SGD at the quickstart's CPU scale? Measured without Ray.
 
-Trains SGD, SAM and SSAM-F (50% and 90% sparsity) with :class:`ssam_tune.train.Trainer` on the
+Trains SGD, SAM and SSAM-F (50% and 90% sparsity) with :class:`ssam_tune.training.trainer.Trainer` on the
 embedded data, for one candidate setting (the fixed part of a search space plus ``--set``
 overrides) over several training seeds, one run at a time, and appends one CSV row per run::
 
@@ -77,16 +77,16 @@ def _set(cfg: dict, dotted: str, value) -> None:
 
 def run_one(cfg_dict: dict, data_cache: dict, verbose: bool = False) -> dict:
     """Train one config to the end on the CPU; the final metrics plus the wall time."""
-    from ssam_tune.config import config_from_dict
-    from ssam_tune.data import load_dataset
-    from ssam_tune.train import Trainer
+    from ssam_tune.training.config import config_from_dict
+    from ssam_tune.training.data import load_dataset
+    from ssam_tune.training.trainer import Trainer
 
     cfg = config_from_dict(cfg_dict)
     d = cfg.data
     key = repr((d, cfg.seed))
     if key not in data_cache:
         data_cache.clear()
-        # As ssam_tune.train.load_data, plus the training-split label noise.
+        # As ssam_tune.training.trainer.load_data, plus the training-split label noise.
         data_cache[key] = load_dataset(d.name, root=d.root, download=d.download,
                                        val_fraction=d.val_fraction, seed=cfg.seed,
                                        augment=None if d.augment in (None, "none") else d.augment,

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from ssam_tune.config import ConfigError
-from ssam_tune.experiment import JOURNAL_FILE, RESULTS, SPACE_FILE, TRIAL_PREFIX, Experiment, resolve_storage
-from ssam_tune.space import DRIVER_MEMORY, NAME_RE, SearchSpace, load_space, smoke, space_to_dict
+from ssam_tune.storage.experiment import JOURNAL_FILE, RESULTS, SPACE_FILE, TRIAL_PREFIX, Experiment, resolve_storage
+from ssam_tune.training.config import ConfigError
+from ssam_tune.tuning.space import DRIVER_MEMORY, NAME_RE, SearchSpace, load_space, smoke, space_to_dict
 
 __all__ = ["PENDING_TRIALS", "main", "run_search", "space_to_dict"]
 
@@ -239,12 +239,12 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from ssam_tune.export import export_experiment
-    from ssam_tune.progress import Progress
-    from ssam_tune.retention import PruneCheckpoints, RestoreFromNewest
-    from ssam_tune.schedulers import RungStateCallback, make_scheduler
-    from ssam_tune.search import SsamSearcher
-    from ssam_tune.tensorboard_live import LiveTensorBoard, ray_tensorboard_off
-    from ssam_tune.trainable import train_trial
+    from ssam_tune.export.live import LiveTensorBoard, ray_tensorboard_off
+    from ssam_tune.tuning.progress import Progress
+    from ssam_tune.tuning.retention import PruneCheckpoints, RestoreFromNewest
+    from ssam_tune.tuning.schedulers import RungStateCallback, make_scheduler
+    from ssam_tune.tuning.search import SsamSearcher
+    from ssam_tune.tuning.trainable import train_trial
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     # A result without val_acc (e.g. an early divergence) must not abort the experiment;
@@ -303,7 +303,7 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
     info = export_experiment(exp.root, out)
     if space.tune.retain_checkpoints == "front":
         from ssam_tune.export import load_trials
-        from ssam_tune.retention import prune_after_export
+        from ssam_tune.tuning.retention import prune_after_export
 
         # errored trials keep theirs (--resume re-runs them from it); every case is a result
         rows = rows if rows is not None else load_trials(exp.root, space.tune.flops_metric)
@@ -338,7 +338,7 @@ def _settle_study(space: SearchSpace, exp: Experiment) -> list[dict]:
     import tempfile
 
     from ssam_tune.export import load_trials
-    from ssam_tune.study import objective_values, open_study, settle
+    from ssam_tune.tuning.study import objective_values, open_study, settle
 
     t = space.tune
     with tempfile.TemporaryDirectory() as tmp:

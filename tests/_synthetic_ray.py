@@ -151,8 +151,8 @@ def write_experiment(exp: Path, n_trials: int, *, epochs: int = 200, grace: int 
     import optuna
     import yaml
 
-    from ssam_tune.space import load_space, milestones, resolve_config, sample_params, space_to_dict
-    from ssam_tune.study import objective_values, open_study, record
+    from ssam_tune.tuning.space import load_space, milestones, resolve_config, sample_params, space_to_dict
+    from ssam_tune.tuning.study import objective_values, open_study, record
 
     rng = random.Random(seed)
     exp.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """A trivial function trainable for load tests: the search machinery without the training.
 
-``trivial_trainable`` receives what :func:`ssam_tune.trainable.train_trial` receives
+``trivial_trainable`` receives what :func:`ssam_tune.tuning.trainable.train_trial` receives
 (``{"ssam_tune": bookkeeping, "config": full training config}``) and reports, every epoch,
 the metrics the searcher, ASHA and the exports read, with deterministic fake numbers:
 

@@ -10,7 +10,7 @@ import pytest
 def embedded():
     """The embedded CIFAR-10 subset, split as the Trainer splits it (val_fraction 0.1, seed 0).
     One load per test module; tests only read it."""
-    from ssam_tune.data import load_dataset
+    from ssam_tune.training.data import load_dataset
 
     return load_dataset("embedded", val_fraction=0.1, seed=0)
 

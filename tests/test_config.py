@@ -2,7 +2,7 @@
 
 import pytest
 
-from ssam_tune.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+from ssam_tune.training.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
 
 
 def test_defaults_are_the_paper_recipe():

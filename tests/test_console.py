@@ -6,8 +6,8 @@ from types import SimpleNamespace
 from _helpers import fast_space, write_yaml
 
 from ssam_tune.export.summary import SGD_DOMINATES, console_text
-from ssam_tune.progress import Progress
-from ssam_tune.space import load_space
+from ssam_tune.tuning.progress import Progress
+from ssam_tune.tuning.space import load_space
 
 
 def trial(tid, label, anchor=False, status="RUNNING"):

@@ -1,4 +1,4 @@
-"""Tests for ssam_tune.data: loading, splits, the tensor augmentation and the error paths."""
+"""Tests for ssam_tune.training.data: loading, splits, the tensor augmentation and the error paths."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from ssam_tune import batches as B
-from ssam_tune import data as D
+from ssam_tune.training import batches as B
+from ssam_tune.training import data as D
 
 # torchvision 0.29 deprecates its image codecs (used here to write test images).
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")

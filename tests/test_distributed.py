@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssam_tune import SAM, SSAM
-from ssam_tune.distributed import (
+from ssam_tune.method.fisher import fisher_scores
+from ssam_tune.method.masks import random_mask, tensor_random_mask
+from ssam_tune.training.distributed import (
     all_reduce_sums,
     average_gradients,
     evaluate_distributed,
@@ -31,8 +33,6 @@ from ssam_tune.distributed import (
     shard,
     world_size,
 )
-from ssam_tune.fisher import fisher_scores
-from ssam_tune.masks import random_mask, tensor_random_mask
 
 WORLD = 2
 B, N_F, STEPS = 8, 9, 4  # global batch (4 per rank), Fisher samples (5 + 4: uneven), steps
@@ -393,7 +393,7 @@ def _syncbn_fisher_worker(rank: int, world: int) -> dict:
             b = fisher_scores(synced, None, x, y, bn=bn, method=method)
             out[f"{bn}_{method}"] = all(torch.allclose(p, q, rtol=0, atol=1e-12) for p, q in zip(a, b, strict=True))
     # FLOPs of the pass at w as it runs (a meta-device copy in train mode): no collective either
-    from ssam_tune.flops import backward_flops_per_tensor, forward_backward_flops
+    from ssam_tune.method.flops import backward_flops_per_tensor, forward_backward_flops
 
     frozen = ["0.weight", "0.bias"]
     out["flops"] = forward_backward_flops(synced, (3, 6, 6), frozen=frozen) == \

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from _helpers import REPO, run_module, write_ray_state
 
-from ssam_tune import experiment as X
-from ssam_tune.experiment import Experiment, atomic_write, is_uri, resolve_storage
+from ssam_tune.storage import experiment as X
+from ssam_tune.storage.experiment import Experiment, resolve_storage
+from ssam_tune.storage.files import atomic_write, is_uri
 
 PACKAGE = Path(X.__file__).parent
 
@@ -145,7 +146,7 @@ def test_prune_callback_waits_for_the_stored_state(tmp_path):
     Ray's restore of the trials failed ("does not exist on storage anymore")."""
     from types import SimpleNamespace
 
-    from ssam_tune.retention import PruneCheckpoints
+    from ssam_tune.tuning.retention import PruneCheckpoints
 
     root = tmp_path / "e"
     for trial in ("pruned", "done"):
@@ -176,7 +177,7 @@ def test_resumed_trial_restored_from_the_newest_checkpoint_left(tmp_path):
     from pyarrow import fs
     from ray import tune
 
-    from ssam_tune.retention import RestoreFromNewest
+    from ssam_tune.tuning.retention import RestoreFromNewest
 
     for i in (3, 4):
         (tmp_path / "trial_a" / f"checkpoint_{i:06d}").mkdir(parents=True)

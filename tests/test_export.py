@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from ssam_tune.config import load_config
 from ssam_tune.export import (
     confirm_cases,
     error_message,
@@ -21,7 +20,8 @@ from ssam_tune.export import (
     pareto_front,
     plot_front,
 )
-from ssam_tune.space import load_space, resolve_config
+from ssam_tune.training.config import load_config
+from ssam_tune.tuning.space import load_space, resolve_config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +436,7 @@ def test_cli_errors_and_success(tmp_path, capsys, exported, monkeypatch):
 def test_optuna_journal_is_joined_and_left_untouched(tmp_path):
     import optuna
 
-    from ssam_tune.study import open_study
+    from ssam_tune.tuning.study import open_study
 
     exp, ids = make_experiment(tmp_path)
     study = open_study(str(exp / "optuna.journal"), "synth", "multi")
@@ -461,7 +461,8 @@ def test_importing_the_exports_does_not_import_ray():
     import sys
 
     code = ('import ssam_tune.export, sys; assert "ray" not in sys.modules and '
-            '"ssam_tune.search" not in sys.modules, sorted(m for m in sys.modules if "ray" in m or "search" in m)')
+            '"ssam_tune.tuning.search" not in sys.modules, '
+            'sorted(m for m in sys.modules if "ray" in m or "search" in m)')
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 0, res.stderr
 
@@ -482,8 +483,8 @@ def test_confirmation_accepts_a_uri(tmp_path, exported):
 
 def test_uri_experiment_reads_its_journal_from_the_cache(tmp_path, monkeypatch):
     pytest.importorskip("pyarrow")
-    from ssam_tune import experiment
-    from ssam_tune.study import open_study
+    from ssam_tune.storage import experiment
+    from ssam_tune.tuning.study import open_study
 
     monkeypatch.setattr(experiment, "JOURNAL_CACHE", tmp_path / "cache")
     exp, ids = make_experiment(tmp_path)

@@ -32,8 +32,8 @@ from _helpers import (
     write_yaml,
 )
 
-from ssam_tune.config import ConfigError
-from ssam_tune.study import open_study
+from ssam_tune.training.config import ConfigError
+from ssam_tune.tuning.study import open_study
 
 # Divergence is injected (train.inject_nan_at_step: the loss is NaN from that global step on),
 # never provoked with a huge learning rate, whose overflow depends on the CPU's kernels.
@@ -82,7 +82,7 @@ def _monotone(epochs: list[int]) -> bool:
 
 
 def _load_space(path: Path):
-    from ssam_tune.space import load_space
+    from ssam_tune.tuning.space import load_space
 
     return load_space(path)
 
@@ -98,8 +98,8 @@ def _state(epoch: int) -> dict:
 def test_latest_state_skips_truncated_and_corrupt_checkpoints(tmp_path, monkeypatch):
     from ray import tune
 
-    from ssam_tune import trainable
-    from ssam_tune.train import save_checkpoint
+    from ssam_tune.training.trainer import save_checkpoint
+    from ssam_tune.tuning import trainable
 
     monkeypatch.setattr(trainable.tune, "get_checkpoint", lambda: None)
     own = tmp_path / "own"
@@ -136,7 +136,7 @@ def test_latest_state_skips_truncated_and_corrupt_checkpoints(tmp_path, monkeypa
 
 
 def test_read_rejects_unsafe_and_incomplete_files(tmp_path):
-    from ssam_tune import trainable
+    from ssam_tune.tuning import trainable
 
     class Evil:
         def __reduce__(self):
@@ -389,7 +389,7 @@ def test_first_epoch_divergence_does_not_abort_the_experiment(tmp_path):
 # 5. truncated / corrupt checkpoints after a killed driver, then --resume
 # ---------------------------------------------------------------------------------------------
 def test_corrupt_checkpoints_then_resume_falls_back(tmp_path):
-    from ssam_tune.train import load_checkpoint
+    from ssam_tune.training.trainer import load_checkpoint
 
     epochs = 6
     space = _space("fault-ckpt", epochs=epochs, cases=[{"label": "c", "method": {"name": "sgd"}}])
@@ -443,8 +443,8 @@ def test_corrupt_checkpoints_then_resume_falls_back(tmp_path):
 
 
 def test_readable_file_that_is_not_a_training_checkpoint_is_skipped(tmp_path):
-    from ssam_tune.train import save_checkpoint
-    from ssam_tune.trainable import _read
+    from ssam_tune.training.trainer import save_checkpoint
+    from ssam_tune.tuning.trainable import _read
 
     save_checkpoint(tmp_path / "other.pt", {"epoch": 7, "weights": torch.zeros(3)})
     with pytest.warns(UserWarning, match="not an ssam-tune training checkpoint"):

@@ -1,11 +1,11 @@
-"""Tests for ssam_tune.flops: hand FLOP counts, the paper's FLOPs column, state safety."""
+"""Tests for ssam_tune.method.flops: hand FLOP counts, the paper's FLOPs column, state safety."""
 
 import pytest
 import torch
 from torch import nn
 
-from ssam_tune import flops
-from ssam_tune.flops import (
+from ssam_tune.method import flops
+from ssam_tune.method.flops import (
     FlopsModel,
     dynamic_mask_flops,
     fisher_mask_flops,
@@ -13,7 +13,7 @@ from ssam_tune.flops import (
     random_mask_flops,
     step_cost,
 )
-from ssam_tune.models import build_model
+from ssam_tune.training.models import build_model
 
 # Paper, Tables 1-3, FLOPs column (relative to SGD) for SSAM at each sparsity.
 PAPER_COLUMN = [(0.5, 1.65), (0.8, 1.44), (0.9, 1.36), (0.95, 1.33), (0.98, 1.31), (0.99, 1.30)]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssam_tune import data as D
-from ssam_tune.config import ConfigError, config_from_dict
+from ssam_tune.training import data as D
+from ssam_tune.training.config import ConfigError, config_from_dict
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
@@ -86,7 +86,7 @@ def test_config_key() -> None:
 def test_the_config_key_reaches_the_training_data(embedded: D.Data) -> None:
     """data.label_noise travels from a config through load_data (what Trainer and the Ray
     trainable call) to the training labels."""
-    from ssam_tune.train import load_data
+    from ssam_tune.training.trainer import load_data
 
     cfg = config_from_dict({"data": {"name": "embedded", "val_fraction": 0.1, "label_noise": 0.3}})
     data = load_data(cfg)

@@ -12,7 +12,7 @@ import pytest
 from _helpers import read_rows
 from _trivial import BASELINES, flaky_trainable, load_space_dict, trivial_trainable, worker_pythonpath
 
-from ssam_tune.study import open_study
+from ssam_tune.tuning.study import open_study
 
 N_SAMPLED = 97
 
@@ -21,7 +21,7 @@ N_SAMPLED = 97
 @pytest.mark.timeout(600)
 def test_100_trials_four_at_a_time(tmp_path, monkeypatch):
     from ssam_tune.run import run_search
-    from ssam_tune.space import load_space
+    from ssam_tune.tuning.space import load_space
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # always a fresh local Ray
     monkeypatch.setenv("PYTHONPATH", worker_pythonpath(os.environ))  # workers import _trivial
@@ -82,7 +82,7 @@ def test_errored_trial_then_resume_retries_it_in_a_fresh_optuna_trial(tmp_path, 
     import optuna
 
     from ssam_tune.run import run_search
-    from ssam_tune.space import load_space
+    from ssam_tune.tuning.space import load_space
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("PYTHONPATH", worker_pythonpath(os.environ))
@@ -114,7 +114,7 @@ def test_search_ended_by_a_stopper_leaves_an_honest_study(tmp_path, monkeypatch)
     from ray.tune.stopper import Stopper
 
     from ssam_tune.run import run_search
-    from ssam_tune.space import load_space
+    from ssam_tune.tuning.space import load_space
 
     class AfterResults(Stopper):  # ends the whole search after 30 results
         def __init__(self):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssam_tune import masks as M
+from ssam_tune.method import masks as M
 
 
 class ConvNet(nn.Module):

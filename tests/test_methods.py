@@ -6,9 +6,9 @@ import dataclasses
 import optuna
 import pytest
 
-from ssam_tune import flops
-from ssam_tune.config import MethodConfig
-from ssam_tune.methods import COST_RULES, MASK_KINDS, METHODS, SPARSE_METHODS, applies, method
+from ssam_tune.method import flops
+from ssam_tune.method.methods import COST_RULES, MASK_KINDS, METHODS, SPARSE_METHODS, applies, method
+from ssam_tune.training.config import MethodConfig
 
 
 def test_config_choices_are_the_table():
@@ -62,7 +62,7 @@ def test_step_cost_follows_the_cost_rule():
 
 
 def test_space_samples_only_the_keys_a_method_uses(tmp_path):
-    from ssam_tune.space import load_space, sample_params
+    from ssam_tune.tuning.space import load_space, sample_params
 
     raw = {"name": "m", "model": {"name": "resnet18", "width": 0.0625}, "data": {"name": "embedded"},
            "train": {"epochs": 2}, "method": {"name": "ssam_f"},

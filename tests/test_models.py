@@ -1,4 +1,4 @@
-"""Tests for ssam_tune.models: shapes, parameter counts, init, and hook-safety (no in-place ops)."""
+"""Tests for ssam_tune.training.models: shapes, parameter counts, init, and hook-safety (no in-place ops)."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ssam_tune.models import MODELS, build_model, count_params
+from ssam_tune.training.models import MODELS, build_model, count_params
 
 # (name, num_classes, width, input size): small widths keep forward+backward fast on CPU.
 SMALL = [

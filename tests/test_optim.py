@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ssam_tune import SAM, SSAM
-from ssam_tune.masks import random_mask, topk_mask
-from ssam_tune.optim import freeze_bn_stats
+from ssam_tune.method.masks import random_mask, topk_mask
+from ssam_tune.method.optim import freeze_bn_stats
 
 LR, MOM, WD, RHO, EPS = 0.1, 0.9, 5e-4, 0.05, 1e-7
 

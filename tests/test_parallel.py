@@ -124,7 +124,7 @@ def _trainer_config(method: str) -> dict:
 def _trainer_worker(rank: int, world: int, method: str) -> dict:
     """The product's Trainer on the stand-in model: per-epoch metrics, final params, masks."""
     import ssam_tune.train as T
-    from ssam_tune.config import config_from_dict
+    from ssam_tune.training.config import config_from_dict
 
     original, T.build_model = T.build_model, _stand_in  # the test process (1 worker) gets it back
     try:
@@ -188,7 +188,7 @@ def _run(tmp_path: Path, space: dict) -> str:
 _STOPPING_DRIVER = """
 import sys
 from ssam_tune.run import run_search
-from ssam_tune.space import load_space
+from ssam_tune.tuning.space import load_space
 
 def stop(trial_id, result):
     return result.get("label", "").startswith("optuna") and result.get("epoch", 0) >= 2
@@ -250,8 +250,8 @@ def test_worker_killed_mid_epoch_resumes_bit_exact(tmp_path):
         assert {k: r[k] for k in keys} == by_epoch[r["epoch"]], r["epoch"]
     # the checkpoint rank 0 wrote is the model: one worker evaluating it on the whole
     # validation split finds the accuracy the 2 workers reported
-    from ssam_tune.config import config_from_dict
-    from ssam_tune.train import Trainer, load_checkpoint
+    from ssam_tune.training.config import config_from_dict
+    from ssam_tune.training.trainer import Trainer, load_checkpoint
 
     ckpt = max(d for d in twin_dir.glob("checkpoint_*") if d.is_dir())  # checkpoint_000003
     state = load_checkpoint(ckpt / "checkpoint.pt")

@@ -1,10 +1,10 @@
-"""Every private Optuna/Ray access of ``ssam_tune._private`` against the installed versions:
+"""Every private Optuna/Ray access of ``ssam_tune.tuning._private`` against the installed versions:
 an upgrade that moves an attribute fails here first."""
 
 import optuna
 
-from ssam_tune import _private
-from ssam_tune.study import close_orphans, open_study
+from ssam_tune.tuning import _private
+from ssam_tune.tuning.study import close_orphans, open_study
 
 
 def test_optuna_trial_access_by_number(tmp_path):

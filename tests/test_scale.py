@@ -12,7 +12,7 @@ from _synthetic_ray import write_experiment
 
 from ssam_tune.export import export_experiment, load_trials
 from ssam_tune.export.read import RAY_KEYS, _parsed_trial_ids, _state_trial_ids
-from ssam_tune.schedulers import _ranks_2d, crowding_distances, nondominated_ranks, promote
+from ssam_tune.tuning.ranking import _ranks_2d, crowding_distances, nondominated_ranks, promote
 
 N = 60
 
@@ -83,7 +83,7 @@ def test_state_file_ids_found_without_parsing_it(generated):
 
 @pytest.mark.parametrize("chunk", [1 << 22, 997])
 def test_state_file_statuses_found_without_parsing_it(generated, monkeypatch, chunk):
-    from ssam_tune import experiment
+    from ssam_tune.storage import experiment
 
     exp = generated[0]
     data = json.loads(next(exp.glob("experiment_state-*.json")).read_text())

@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import pytest
 from ray.tune.schedulers import TrialScheduler
 
-from ssam_tune.experiment import RUNGS_FILE, Experiment
-from ssam_tune.schedulers import MOASHA, RungStateCallback, crowding_distances, nondominated_ranks, promote
-from ssam_tune.space import milestones
+from ssam_tune.storage.experiment import RUNGS_FILE, Experiment
+from ssam_tune.tuning.ranking import crowding_distances, nondominated_ranks, promote
+from ssam_tune.tuning.schedulers import MOASHA, RungStateCallback
+from ssam_tune.tuning.space import milestones
 
 
 def trial(tid, anchor=False):
@@ -177,7 +178,7 @@ def test_keeps_the_cheap_end_of_the_front_where_accuracy_only_asha_loses_it():
     MO-ASHA lets 26 finish, 18 on the front, the cheapest at 1.03x SGD."""
     from _trivial import final_accuracy, flops_per_epoch
 
-    from ssam_tune.schedulers import AnchoredASHA
+    from ssam_tune.tuning.schedulers import AnchoredASHA
 
     rng = random.Random(0)
     configs = []

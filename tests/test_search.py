@@ -24,8 +24,8 @@ from _helpers import (
     write_yaml,
 )
 
-from ssam_tune.study import open_study
-from ssam_tune.train import load_checkpoint
+from ssam_tune.training.trainer import load_checkpoint
+from ssam_tune.tuning.study import open_study
 
 
 def _run_cli(args, cwd):
@@ -238,7 +238,7 @@ def test_sigkill_driver_then_resume(moment, tmp_path):
 
 def test_fractional_gpus_on_a_multi_node_cluster(tmp_path, ray_cluster):
     from ssam_tune.run import run_search
-    from ssam_tune.space import load_space
+    from ssam_tune.tuning.space import load_space
 
     space = fast_space()
     space["tune"].update(num_samples=2, baselines=["sgd", "sam"], resources={"cpu": 1, "gpu": 0.5},

@@ -7,7 +7,7 @@ import pytest
 import torch
 from _helpers import FAST, run_module
 
-from ssam_tune.train import load_checkpoint
+from ssam_tune.training.trainer import load_checkpoint
 
 
 class _Exploit:
@@ -27,7 +27,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
 
 
 def test_trainable_treats_evil_checkpoint_as_unreadable(tmp_path):
-    from ssam_tune.trainable import _read
+    from ssam_tune.tuning.trainable import _read
 
     marker = tmp_path / "pwned"
     torch.save({"epoch": 1, "payload": _Exploit(marker)}, tmp_path / "checkpoint.pt")

@@ -6,9 +6,9 @@ import pytest
 import yaml
 from _helpers import FAST, HERE, REPO, fast_space, run_module, write_yaml
 
-from ssam_tune.config import ConfigError, load_config
 from ssam_tune.run import space_to_dict
-from ssam_tune.space import load_space, sample_params, smoke
+from ssam_tune.training.config import ConfigError, load_config
+from ssam_tune.tuning.space import load_space, sample_params, smoke
 
 BAD = HERE / "bad_inputs"
 CORPUS = yaml.safe_load((BAD / "expected.yaml").read_text())

@@ -90,7 +90,7 @@ def _output(out: str | bytes | None) -> str:
 
 
 def test_search_on_s3_killed_then_resumed_on_a_new_head(s3, tmp_path, monkeypatch):
-    from ssam_tune.study import open_study
+    from ssam_tune.tuning.study import open_study
 
     space = fast_space()
     space["tune"]["sampler"] = "random"  # a resumed driver must not replay the killed one's proposals

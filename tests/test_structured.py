@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssam_tune import SSAM
-from ssam_tune import masks as M
-from ssam_tune.flops import forward_backward_flops
+from ssam_tune.method import masks as M
+from ssam_tune.method.flops import forward_backward_flops
 
 LR, MOM, WD, RHO = 0.1, 0.9, 5e-4, 0.05
 
@@ -230,7 +230,7 @@ def test_norm_mask_is_the_normalization_layers():
 
 # -- training -----------------------------------------------------------------------------------------
 def _cfg(**method):
-    from ssam_tune.config import config_from_dict
+    from ssam_tune.training.config import config_from_dict
 
     return config_from_dict({
         "seed": 0, "model": {"name": "resnet18", "width": 0.0625}, "data": {"name": "embedded"},
@@ -242,7 +242,7 @@ def _cfg(**method):
 def _run(cfg, monkeypatch=None, lean=True, float64=False):
     """Train; ``lean=False`` runs the pass at w in full; ``float64`` moves the model and
     its inputs to float64, so that two runs compare far below any chaotic amplification."""
-    from ssam_tune.train import Trainer
+    from ssam_tune.training.trainer import Trainer
 
     with monkeypatch.context() as mp:
         if not lean:
@@ -296,7 +296,7 @@ def test_sam_on_perturbs_only_normalization_layers(monkeypatch):
 
 
 def test_tensor_granularity_with_full_normalization_warns_and_stays_dense(monkeypatch):
-    from ssam_tune.train import Trainer, resolve_normalize
+    from ssam_tune.training.trainer import Trainer, resolve_normalize
 
     cfg = _cfg(name="ssam_random", granularity="tensor", normalize="full")
     lines = []
@@ -327,7 +327,7 @@ def test_compile_gives_the_eager_step(monkeypatch):
 
 
 def test_a_checkpoint_spelling_out_the_old_default_normalize_still_resumes():
-    from ssam_tune.train_cli import _normalised
+    from ssam_tune.train import _normalised
 
     assert _normalised({"method": {"normalize": "full"}}) == _normalised({})  # element: auto is full
     assert _normalised({"method": {"normalize": "full", "granularity": "tensor"}}) != _normalised(

@@ -6,11 +6,11 @@ import optuna
 import pytest
 from _helpers import fast_space, write_ray_state, write_yaml
 
-from ssam_tune.config import ConfigError
-from ssam_tune.experiment import Experiment
-from ssam_tune.search import SsamSearcher, sampler_seed
-from ssam_tune.space import load_space
-from ssam_tune.study import open_study
+from ssam_tune.storage.experiment import Experiment
+from ssam_tune.training.config import ConfigError
+from ssam_tune.tuning.search import SsamSearcher, sampler_seed
+from ssam_tune.tuning.space import load_space
+from ssam_tune.tuning.study import open_study
 
 EPOCHS = 4  # tests/spaces/fast.yaml
 
@@ -213,7 +213,7 @@ def test_dry_run_warns_when_nsga2_cannot_leave_generation_zero(tmp_path):
 
 
 def test_settle_tells_running_trials_how_they_ended(tmp_path):
-    from ssam_tune.study import settle
+    from ssam_tune.tuning.study import settle
 
     space = make_space(tmp_path)
     s = SsamSearcher(space, Experiment(str(tmp_path)))
@@ -248,14 +248,14 @@ def test_a_space_stored_by_an_older_version_still_loads(tmp_path):
 
 
 def test_experiments_of_older_versions_resume(tmp_path):
-    """tuner.pkl of an older version names ssam_tune.search.AnchoredASHA / RungStateCallback,
+    """tuner.pkl of an older version names ssam_tune.tuning.search.AnchoredASHA / RungStateCallback,
     and its searcher's settings lack population_size."""
     import pickle
 
-    from ssam_tune import schedulers
+    from ssam_tune.tuning import schedulers
 
     for name in ("AnchoredASHA", "RungStateCallback"):
-        assert pickle.loads(f"cssam_tune.search\n{name}\n.".encode()) is getattr(schedulers, name)  # noqa: S301
+        assert pickle.loads(f"cssam_tune.tuning.search\n{name}\n.".encode()) is getattr(schedulers, name)  # noqa: S301
     space = make_space(tmp_path, sampler="nsga2")
     old = SsamSearcher(space, Experiment(str(tmp_path)))
     del old.space.tune.population_size

@@ -1,4 +1,4 @@
-"""The live TensorBoard (ssam_tune.tensorboard_live) on a real local Ray, read back as
+"""The live TensorBoard (ssam_tune.export.live) on a real local Ray, read back as
 TensorBoard reads it (event_accumulator: one accumulator per run folder, first metadata of a
 tag wins): one run per trial, the per-epoch scalars of result.json, every HParams column for
 every trial, trials.csv's status, nothing from Ray's own TensorBoard logger; then --resume.
@@ -95,7 +95,7 @@ def check_tree(out, exp_dir):
 def test_live_tensorboard_tree_and_resume(tmp_path, monkeypatch):
     from ssam_tune.export import build
     from ssam_tune.run import run_search
-    from ssam_tune.space import load_space
+    from ssam_tune.tuning.space import load_space
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # always a fresh local Ray
     monkeypatch.setenv("PYTHONPATH", worker_pythonpath(os.environ))  # workers import _trivial
@@ -146,8 +146,8 @@ def test_ray_loggers_of_an_older_experiment_stay_on_when_resumed(tmp_path, monke
 
     from ray.tune.logger import JsonLoggerCallback
 
-    from ssam_tune.experiment import Experiment
-    from ssam_tune.tensorboard_live import ray_tensorboard_off
+    from ssam_tune.export.live import ray_tensorboard_off
+    from ssam_tune.storage.experiment import Experiment
 
     monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "x")
     exp = Experiment(str(tmp_path))

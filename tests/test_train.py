@@ -16,8 +16,8 @@ import torch
 import yaml
 from _helpers import run_module, steps_per_epoch, write_yaml
 
-from ssam_tune.config import config_from_dict
-from ssam_tune.train import Trainer, load_checkpoint
+from ssam_tune.training.config import config_from_dict
+from ssam_tune.training.trainer import Trainer, load_checkpoint
 
 TINY = {"model": {"width": 0.125}, "data": {"train_size": 1024, "val_fraction": 0.1},
         "train": {"epochs": 2, "batch_size": 64}}

@@ -28,7 +28,7 @@ Pareto front, the best trial, the key hyper-parameters), ``plot`` (pareto.png),
 ``tensorboard``, ``summary`` (summary.md), ``confirm`` (the confirmation step), ``write``
 (tables and configs as text), ``build`` (:func:`export_experiment`, which writes every file)
 and ``cli``. Exports never import Ray: the Optuna study is read through
-:mod:`ssam_tune.study`, and the folder's layout comes from :mod:`ssam_tune.experiment`.
+:mod:`ssam_tune.tuning.study`, and the folder's layout comes from :mod:`ssam_tune.storage.experiment`.
 """
 
 from ssam_tune.export.build import export_experiment

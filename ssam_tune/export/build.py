@@ -9,7 +9,6 @@ import os
 import shutil
 from pathlib import Path
 
-from ssam_tune.experiment import JOURNAL_FILE, SPACE_FILE, atomic_write, is_uri, new_dir, swap_dir
 from ssam_tune.export.front import best_row, front_rows, hp_keys, hp_values
 from ssam_tune.export.plot import plot_front
 from ssam_tune.export.read import STATUSES, load_rows, load_space_file, local_copy, sgd_cost_of
@@ -22,6 +21,8 @@ from ssam_tune.export.summary import (
 )
 from ssam_tune.export.tensorboard import write_tensorboard
 from ssam_tune.export.write import csv_text, safe_name, trial_columns, yaml_config
+from ssam_tune.storage.experiment import JOURNAL_FILE, SPACE_FILE
+from ssam_tune.storage.files import atomic_write, is_uri, new_dir, swap_dir
 
 
 def export_experiment(exp_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:

@@ -7,10 +7,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from ssam_tune.experiment import RESULTS, SPACE_FILE, Experiment, is_uri
 from ssam_tune.export.build import export_experiment
 from ssam_tune.export.confirm import export_confirmation
 from ssam_tune.export.read import load_space_file
+from ssam_tune.storage.experiment import RESULTS, SPACE_FILE, Experiment
+from ssam_tune.storage.files import is_uri
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; exit code 2 (one-line error) for a missing folder or a bad space.yaml."""
-    from ssam_tune.config import ConfigError
+    from ssam_tune.training.config import ConfigError
 
     args = _parser().parse_args(argv)
     exp = args.experiment

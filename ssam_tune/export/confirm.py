@@ -13,11 +13,12 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from ssam_tune.experiment import SPACE_FILE, Experiment, atomic_write, is_uri
 from ssam_tune.export.front import front_rows
 from ssam_tune.export.read import load_rows, load_space_file, local_copy, read_json, try_space
 from ssam_tune.export.summary import CONFIRM_BEGIN, CONFIRM_END, with_confirmation
 from ssam_tune.export.write import csv_text, fmt_pct, fmt_sci, md_table, safe_name
+from ssam_tune.storage.experiment import SPACE_FILE, Experiment
+from ssam_tune.storage.files import atomic_write, is_uri
 
 
 def confirm_cases(exp_dir: str | os.PathLike, top_k: int, seeds: Sequence[int]) -> list[tuple[str, dict]]:

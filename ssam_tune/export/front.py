@@ -80,7 +80,7 @@ def hp_keys(space, rows: list[dict]) -> list[str]:
 
 
 def _applies(key: str, method: str | None) -> bool:
-    from ssam_tune.methods import applies
+    from ssam_tune.method.methods import applies
 
     return method is None or applies(key, method)
 

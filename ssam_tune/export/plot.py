@@ -6,9 +6,9 @@ import io
 import os
 from pathlib import Path
 
-from ssam_tune.experiment import atomic_write
 from ssam_tune.export.read import BASELINE_ORDER, STATUSES
 from ssam_tune.export.write import cost_words
+from ssam_tune.storage.files import atomic_write
 
 
 def plot_front(rows: list[dict], front: list[dict], path: str | os.PathLike, *, title: str,

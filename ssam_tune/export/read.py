@@ -3,7 +3,7 @@
 state), joined with Optuna's view of the study; and the space.yaml, read tolerantly.
 
 Everything here reads a local folder (for a URI, the copy made by
-:meth:`ssam_tune.experiment.Experiment.fetch_small_files`, see :func:`local_copy`).
+:meth:`ssam_tune.storage.experiment.Experiment.fetch_small_files`, see :func:`local_copy`).
 """
 
 from __future__ import annotations
@@ -19,11 +19,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ssam_tune.experiment import CHECKPOINTS_DIR, JOURNAL_FILE, SPACE_FILE, STATE_PREFIX, TRIAL_PREFIX, Experiment
+from ssam_tune.storage.experiment import (
+    CHECKPOINTS_DIR,
+    JOURNAL_FILE,
+    SPACE_FILE,
+    STATE_PREFIX,
+    TRIAL_PREFIX,
+    Experiment,
+)
 
 STATUSES = ("completed", "pruned", "diverged", "errored", "pending")
 BASELINE_ORDER = ("sgd", "sam", "ssam")
-# Per-epoch metrics of ssam_tune.train.Trainer, in the order the CSV shows them.
+# Per-epoch metrics of ssam_tune.training.trainer.Trainer, in the order the CSV shows them.
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "mask_density",
            "mask_overlap", "mask_refreshes", "e_norm", "epoch_seconds", "images_per_second",
            "flops_theoretical", "flops_executed", "flops_mask", "flops_steps_theoretical",
@@ -180,7 +187,7 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 def _canonical(config: dict) -> dict:
     """The training config in the schema's key order (Ray stores params.json sorted), or as
     found when it does not validate against this checkout's schema."""
-    from ssam_tune.config import ConfigError, config_from_dict, config_to_dict
+    from ssam_tune.training.config import ConfigError, config_from_dict, config_to_dict
 
     try:
         ordered = config_to_dict(config_from_dict(config))
@@ -348,7 +355,7 @@ def _optuna_info(exp: Path, name: str | None, objective: str) -> tuple[dict, lis
     if not journal.is_file() or not name:
         return {}, [], "no optuna.journal"
     try:
-        from ssam_tune.study import open_study  # Optuna only: the exports never import Ray
+        from ssam_tune.tuning.study import open_study  # Optuna only: the exports never import Ray
 
         with tempfile.TemporaryDirectory() as tmp:
             copy = Path(tmp) / JOURNAL_FILE
@@ -441,8 +448,8 @@ def try_space(exp: Path):
 def load_space_file(path: Path):
     """``load_space``, tolerating a data folder that exists only on the machines that trained
     (the exporter never reads the data)."""
-    from ssam_tune.config import ConfigError, load_yaml
-    from ssam_tune.space import load_space
+    from ssam_tune.training.config import ConfigError, load_yaml
+    from ssam_tune.tuning.space import load_space
 
     try:
         return load_space(path, stored=True)

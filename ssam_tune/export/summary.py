@@ -11,10 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ssam_tune.experiment import STATE_PREFIX
 from ssam_tune.export.front import hp_values
 from ssam_tune.export.read import STATUSES
 from ssam_tune.export.write import cost_words, fmt_pct, fmt_sci, md_table
+from ssam_tune.storage.experiment import STATE_PREFIX
 
 CONFIRM_BEGIN = "<!-- ssam_tune:confirmation:begin -->"
 CONFIRM_END = "<!-- ssam_tune:confirmation:end -->"

@@ -1,7 +1,7 @@
 """The TensorBoard format of an experiment, owned here: one run per trial,
 ``<label>_<trial id>/``, holding the per-epoch scalars (step = epoch), the ``final/*``
 metrics and an HParams session; the HParams experiment config at the top. The live callback
-(:mod:`ssam_tune.tensorboard_live`) appends these events while the search runs; the export
+(:mod:`ssam_tune.export.live`) appends these events while the search runs; the export
 rebuilds the same runs and tags from the experiment folder, byte-identically from one export
 to the next (tensorboard is imported when writing).
 
@@ -27,10 +27,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ssam_tune.experiment import atomic_write, new_dir, swap_dir
 from ssam_tune.export.front import hp_values
 from ssam_tune.export.read import RAY_KEYS, STATUSES, _flatten, _trial_status, finite_number, sgd_cost_of
 from ssam_tune.export.write import safe_name
+from ssam_tune.storage.files import atomic_write, new_dir, swap_dir
 
 NOT_APPLICABLE_NUMBER, NOT_APPLICABLE_TEXT = 0, "n/a"
 KINDS = ("baseline", "search", "case")
@@ -129,7 +129,7 @@ def epoch_event(result: Mapping):
 
 def _field(key: str):
     """The config schema's field of a dotted key (None for a key the schema lacks)."""
-    from ssam_tune.config import SECTIONS, Config
+    from ssam_tune.training.config import SECTIONS, Config
 
     section, _, name = key.rpartition(".")
     cls = SECTIONS.get(section) if section else Config
@@ -198,7 +198,7 @@ def trial_status(last: Mapping | None, epochs: int | None, errored: bool) -> str
 
 def _choices(name: str) -> list[str] | None:
     """The values a text column takes, where known: the dashboard's filter checkboxes."""
-    from ssam_tune.methods import METHODS
+    from ssam_tune.method.methods import METHODS
 
     fixed = {"method.name": METHODS, "status": STATUSES, "kind": KINDS}
     if name in fixed:

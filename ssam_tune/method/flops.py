@@ -18,7 +18,7 @@ Two kinds of numbers are reported, and they must not be confused:
   ``normalize: full``) the pass at w computes every gradient, so a masked SSAM step costs a
   full SAM step, 2x SGD whatever the sparsity. With tensor masks and ``normalize: masked``
   (and SAM-ON) the pass at w runs with gradients only for the perturbed tensors
-  (:meth:`ssam_tune.optim.SSAM.first_pass`): its backward B_1 is measured with exactly that
+  (:meth:`ssam_tune.method.optim.SSAM.first_pass`): its backward B_1 is measured with exactly that
   requires-grad set (:func:`forward_backward_flops` with ``frozen``), and a step costs
   (F + B_1) + (F + B).
 
@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as nnF
 from torch.utils.flop_counter import FlopCounterMode
 
-from ssam_tune.fisher import local_batchnorm_
-from ssam_tune.methods import method as method_row
+from ssam_tune.method.fisher import local_batchnorm_
+from ssam_tune.method.methods import method as method_row
 
 __all__ = [
     "KINDS",
@@ -171,7 +171,7 @@ def backward_flops_per_tensor(model: torch.nn.Module, input_shape, *, batch_size
 
 
 def _check_method(method):
-    """The method's row of :data:`ssam_tune.methods.METHODS` (ValueError if unknown)."""
+    """The method's row of :data:`ssam_tune.method.methods.METHODS` (ValueError if unknown)."""
     return method_row(method)
 
 

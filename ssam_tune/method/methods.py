@@ -3,7 +3,7 @@ which methods exist, which ``method.*`` keys each one uses, how a step is costed
 mask it keeps.
 
 Config validation (the ``method.name`` choices), the search space (conditional keys,
-define-by-run), FLOPs (:func:`ssam_tune.flops.step_cost`), training (which optimizer, which
+define-by-run), FLOPs (:func:`ssam_tune.method.flops.step_cost`), training (which optimizer, which
 mask refresh) and the exports (which hyper-parameters apply to a trial) all read
 :data:`METHODS`; nothing else lists the methods.
 
@@ -14,7 +14,7 @@ Cost rules (relative to one SGD step = one forward F + one backward B):
 - ``"sparse_first_backward"``: SSAM and SAM-ON, the paper's idealisation (footnote to
   Tables 1-3): only the first backward (the gradient at w that builds e) is sparse,
   1 + (F + (1 - s) B)/(F + B). Executed, the step costs what its two passes run
-  (:mod:`ssam_tune.flops`): 2 with element masks on dense hardware, less when whole tensors
+  (:mod:`ssam_tune.method.flops`): 2 with element masks on dense hardware, less when whole tensors
   are left out of the first pass (tensor granularity, SAM-ON).
 
 Pure data: importing this module imports nothing heavy.

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ssam_tune.data import CIFAR10_MEAN, CIFAR10_STD, Split
+from ssam_tune.training.data import CIFAR10_MEAN, CIFAR10_STD, Split
 
 __all__ = ["Batches", "augment_batch", "iterate_batches", "normalize_batch", "sample_for_fisher"]
 

@@ -4,7 +4,7 @@
 per-sample negative log-likelihood (not the square of a batch gradient). It is computed in
 batched chunks, never a batch-size-1 loop: layer by layer for Linear, Conv2d and BatchNorm
 (one batched backward, then per-sample squares from activations and output gradients), or
-with torch.func's vmap for any other model. :func:`ssam_tune.masks.topk_mask` turns the scores
+with torch.func's vmap for any other model. :func:`ssam_tune.method.masks.topk_mask` turns the scores
 into SSAM-F's mask (Eq. 6).
 """
 

@@ -1,7 +1,7 @@
 """Search-space YAML: the fixed training config plus ``search:``/``cases:``, ``seeds:``, ``tune:``.
 
 Everything is validated here, before Ray starts: every error is a one-line
-:class:`~ssam_tune.config.ConfigError` naming the YAML path and the rule. The resolved
+:class:`~ssam_tune.training.config.ConfigError` naming the YAML path and the rule. The resolved
 space turns into concrete training configs through :func:`sample_params` (define-by-run:
 conditional parameters are only sampled when the sampled method uses them) and
 :func:`resolve_config`.
@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssam_tune.config import (
+from ssam_tune.method.methods import METHODS, applies
+from ssam_tune.storage.files import is_uri
+from ssam_tune.training.config import (
     BASELINES,
     COST_METRICS,
     SCHEDULERS,
@@ -31,8 +33,6 @@ from ssam_tune.config import (
     load_yaml,
     set_by_path,
 )
-from ssam_tune.experiment import is_uri
-from ssam_tune.methods import METHODS, applies
 
 __all__ = ["Dist", "SearchSpace", "TuneSettings", "load_space", "resolve_config", "sample_params", "smoke",
            "space_to_dict"]
@@ -69,7 +69,7 @@ DRIVER_MEMORY = 2**28
 @dataclass
 class TuneSettings:
     """The resolved ``tune:`` section, flat. Its value rules and defaults are
-    :class:`~ssam_tune.config.TuneConfig`'s; :func:`_parse_tune` builds it."""
+    :class:`~ssam_tune.training.config.TuneConfig`'s; :func:`_parse_tune` builds it."""
 
     num_samples: int
     objective: str
@@ -338,7 +338,7 @@ def _flatten(case: dict, prefix: str = "") -> dict:
 
 
 def _parse_tune(raw: Any, epochs: int, stored: bool = False) -> TuneSettings:
-    """The ``tune:`` section: value rules from :class:`~ssam_tune.config.TuneConfig`, plus the
+    """The ``tune:`` section: value rules from :class:`~ssam_tune.training.config.TuneConfig`, plus the
     shorthands (``scheduler: none``, ``baselines: false``) and the rules that involve other
     keys (the grace period against train.epochs)."""
     if raw is None:

@@ -38,7 +38,7 @@ and keeps its own running statistics, so a BatchNorm model's data-parallel step 
 CPU, but (torch 2.14) a training-mode forward with an initialised process group raises
 ``ValueError: SyncBatchNorm expected input tensor to be on GPU ...`` on CPU tensors: synced
 BatchNorm needs CUDA (NCCL); eval-mode forwards run. (The per-layer Fisher path in
-:mod:`ssam_tune.fisher` does not know SyncBatchNorm and falls back to torch.func.) The
+:mod:`ssam_tune.method.fisher` does not know SyncBatchNorm and falls back to torch.func.) The
 equivalence tests therefore use models without BatchNorm. Fisher scores with
 ``bn="per_sample"`` (the default) have no cross-sample dependence, so their sum over shards
 stays exact; ``bn="eval"`` reads running statistics, which must then be the same on every
@@ -59,7 +59,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ssam_tune.fisher import fisher_scores
+from ssam_tune.method.fisher import fisher_scores
 
 __all__ = [
     "all_reduce_sums", "average_buffers", "average_gradients", "evaluate_distributed",
@@ -123,7 +123,7 @@ def fisher_scores_distributed(model: nn.Module, loss_fn: Callable | None, inputs
     """SSAM-F's empirical Fisher (Eq. 5) over the union of the ranks' shards of N_F samples.
 
     Each rank passes its own share of the N_F samples (:func:`shard` with ``even=False``;
-    a share may be empty); :func:`ssam_tune.fisher.fisher_scores` scores it and the scores
+    a share may be empty); :func:`ssam_tune.method.fisher.fisher_scores` scores it and the scores
     are summed over ranks (all_reduce SUM). Eq. 5 is a sum over samples of squared
     per-sample gradients, so the result is exactly the 1-worker sum over the union of the
     shards (up to summation order), identical on every rank, and the top-k of Eq. 6

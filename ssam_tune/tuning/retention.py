@@ -27,7 +27,7 @@ import time
 
 from ray.tune import Callback
 
-from ssam_tune.experiment import RAY_CHECKPOINT_PREFIX, Experiment
+from ssam_tune.storage.experiment import RAY_CHECKPOINT_PREFIX, Experiment
 
 __all__ = ["PruneCheckpoints", "RestoreFromNewest", "prune_after_export"]
 
@@ -107,7 +107,7 @@ class RestoreFromNewest(Callback):
         from pyarrow import fs as pafs
         from ray import tune
 
-        from ssam_tune._private import trial_restore_checkpoint, trial_set_restore_checkpoint
+        from ssam_tune.tuning._private import trial_restore_checkpoint, trial_set_restore_checkpoint
 
         for trial in trials:
             ckpt = trial_restore_checkpoint(trial) if trial.status == "PENDING" else None

@@ -1,4 +1,4 @@
-"""The Ray Tune trainable: a thin wrapper around :class:`ssam_tune.train.Trainer`.
+"""The Ray Tune trainable: a thin wrapper around :class:`ssam_tune.training.trainer.Trainer`.
 
 It reports every epoch (with ``epoch``, ASHA's time attribute), checkpoints every epoch and
 resumes from the newest checkpoint it can read. Besides the checkpoint handed to Ray, the
@@ -6,7 +6,7 @@ newest checkpoint is also written to ``<experiment>/checkpoints/<trial id>/check
 (local storage): Ray saves its experiment state only every so often, and a checkpoint
 written after that save would otherwise be forgotten when a killed driver is resumed. That
 copy is written atomically (fsync, rename), so one is enough; it is deleted once the trial
-has finished (``ssam_tune.retention``).
+has finished (``ssam_tune.tuning.retention``).
 
 A trial with ``tune.resources.workers`` > 1 is a data-parallel Ray Train run inside the same
 Tune trial (Ray 2.60's pattern for Train V2 under Tune): the trial function starts a
@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 from ray import tune
 
-from ssam_tune._private import quiet_train_reports
-from ssam_tune.config import config_from_dict
-from ssam_tune.data import Data
-from ssam_tune.experiment import RAY_CHECKPOINT_PREFIX, Experiment, clear_partial_writes
-from ssam_tune.search import META
-from ssam_tune.train import CHECKPOINT_FORMAT, Trainer, load_checkpoint, load_data, save_checkpoint
+from ssam_tune.storage.experiment import RAY_CHECKPOINT_PREFIX, Experiment
+from ssam_tune.storage.files import clear_partial_writes
+from ssam_tune.training.config import config_from_dict
+from ssam_tune.training.data import Data
+from ssam_tune.training.trainer import CHECKPOINT_FORMAT, Trainer, load_checkpoint, load_data, save_checkpoint
+from ssam_tune.tuning._private import quiet_train_reports
+from ssam_tune.tuning.search import META
 
 __all__ = ["train_trial"]
 
@@ -191,7 +192,7 @@ def _train_run(config: dict) -> None:
         run_config=RunConfig(name=name, storage_path=storage, callbacks=[TuneReportCallback()],
                              checkpoint_config=CheckpointConfig(num_to_keep=run["keep_checkpoints"]),
                              failure_config=FailureConfig(max_failures=run["max_failures"]),
-                             # the console shows one line per epoch (ssam_tune.progress), not
+                             # the console shows one line per epoch (ssam_tune.tuning.progress), not
                              # Ray Train's lines per worker report
                              logging_config=LoggingConfig(log_level="WARNING")),
     ).fit()  # raises when the run fails for good: Tune records the trial as errored
@@ -226,7 +227,7 @@ def _worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    quiet_train_reports()  # the console shows one line per epoch (ssam_tune.progress)
+    quiet_train_reports()  # the console shows one line per epoch (ssam_tune.tuning.progress)
     meta = config[META]
     cfg = config_from_dict(config["config"])
     device = ray.train.torch.get_device() if cfg.train.device == "auto" else torch.device(cfg.train.device)

@@ -1,4 +1,4 @@
-"""Data sets and their train/val/test splits (batches and augmentation: :mod:`ssam_tune.batches`).
+"""Data sets and their train/val/test splits (batches and augmentation: :mod:`ssam_tune.training.batches`).
 
 Small-image data sets (the packaged ``embedded`` CIFAR-10 subset, CIFAR-10/100 and
 image folders of images up to 64 px) are held whole in memory as one uint8 tensor
@@ -62,7 +62,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Images up to this side length are loaded into memory and get the CIFAR recipe by default.
 SMALL_IMAGE_MAX = 64
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-EMBEDDED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_data",
+# ssam_tune/_data/, at the package root (package data), one folder above this module
+EMBEDDED_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_data",
                              "cifar10_subset.pt")
 
 _TORCHVISION_CIFAR = {
@@ -527,7 +528,7 @@ class _RankShares:
         return len(self.batches)
 
     def __iter__(self):
-        from ssam_tune.distributed import share
+        from ssam_tune.training.distributed import share
 
         for batch in self.batches:
             index = share(len(batch), self.rank, self.world)

@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from ssam_tune.methods import METHODS
+from ssam_tune.method.methods import METHODS
 
 __all__ = ["Config", "ConfigError", "ConfirmConfig", "DataConfig", "MethodConfig", "ModelConfig",
            "ResourcesConfig", "SchedulerConfig", "TrainConfig", "TuneConfig", "build_section",

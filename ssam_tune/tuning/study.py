@@ -2,7 +2,7 @@
 
 Optuna only, no Ray: the search (``search.py``) writes the study, the exports read it. The
 study is a journal file (``JournalFileBackend`` with an open-lock, which works on NFS too);
-:meth:`ssam_tune.experiment.Experiment.journal_path` says where it lives.
+:meth:`ssam_tune.storage.experiment.Experiment.journal_path` says where it lives.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import warnings
 
 import optuna
 
-from ssam_tune import _private
+from ssam_tune.tuning import _private
 
 __all__ = ["close_orphans", "directions", "metric_names", "objective_values", "open_study",
            "record", "settle"]

@@ -11,7 +11,7 @@ One SAM/SSAM step, given the minibatch gradient g at w (paper Eq. 2 and Algorith
 
 The perturbation is built from the loss gradient alone; weight decay, momentum and any other
 transform belong to the base optimizer's step (as in the reference code). The wrappers never
-see a model, a data loader or an epoch: masks come from :mod:`ssam_tune.masks`.
+see a model, a data loader or an epoch: masks come from :mod:`ssam_tune.method.masks`.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ class SSAM(SAM):
     normalize="full", eps=1e-7, **base_kwargs)``
 
     - ``sparsity`` s is the fraction of weights NOT perturbed; mask builders in
-      :mod:`ssam_tune.masks` keep exactly floor((1 - s) * d) ones. The optimizer applies
+      :mod:`ssam_tune.method.masks` keep exactly floor((1 - s) * d) ones. The optimizer applies
       whatever mask it is given (:meth:`set_masks`); ``sparsity`` is the target the mask
       helpers (:meth:`set_masks_from_scores`, :meth:`dynamic_update`) read.
     - ``normalize="full"`` (the paper's and the reference's choice): e = rho * g / ||g|| with
@@ -228,7 +228,7 @@ class SSAM(SAM):
       ||g * m||, so ||e|| = rho (as SAM-ON does).
     - Until masks are set, SSAM perturbs every weight, i.e. it is SAM.
     - ``granularity="tensor"``: :meth:`set_masks_from_scores`, :meth:`dynamic_update` build
-      whole-tensor masks (:mod:`ssam_tune.masks`); with ``normalize="masked"`` the pass at w
+      whole-tensor masks (:mod:`ssam_tune.method.masks`); with ``normalize="masked"`` the pass at w
       then needs only the perturbed tensors' gradients (:meth:`first_pass`).
 
     Masks are bool tensors, one per parameter in param_groups order, kept on the
@@ -252,7 +252,7 @@ class SSAM(SAM):
         eps: float = 1e-7,
         **base_kwargs,
     ) -> None:
-        from ssam_tune.masks import GRANULARITIES, TENSOR_SCORES
+        from ssam_tune.method.masks import GRANULARITIES, TENSOR_SCORES
 
         self.sparsity = _check_sparsity(sparsity)
         if normalize not in NORMALIZE_MODES:
@@ -303,13 +303,13 @@ class SSAM(SAM):
                               costs: Sequence[float] | None = None) -> None:
         """Keep the top floor((1 - sparsity) * d) scores globally (SSAM-F, Eq. 6).
 
-        ``scores[i]`` belongs to ``params[i]`` (for :func:`~ssam_tune.masks.fisher_scores`,
+        ``scores[i]`` belongs to ``params[i]`` (for :func:`~ssam_tune.method.masks.fisher_scores`,
         ``list(model.parameters())``); the scores are matched to this optimizer's parameters
         by identity, so a param_groups order that differs from the model's cannot misplace
         them. ``params`` must hold each of the optimizer's parameters exactly once. With
-        ``granularity="tensor"`` whole tensors are chosen (:func:`~ssam_tune.masks.tensor_topk_mask`
+        ``granularity="tensor"`` whole tensors are chosen (:func:`~ssam_tune.method.masks.tensor_topk_mask`
         by ``tensor_score``; ``costs[i]``, for ``params[i]``, is needed by ``"per_flop"``)."""
-        from ssam_tune.masks import tensor_topk_mask, topk_mask
+        from ssam_tune.method.masks import tensor_topk_mask, topk_mask
 
         scores, params = list(scores), list(params)
         if len(scores) != len(params):
@@ -330,7 +330,7 @@ class SSAM(SAM):
     def dynamic_update(self, t: float, total: float, *, alpha: float = 0.5, strategy: str = "flattest",
                        generator: torch.Generator | None = None) -> None:
         """SSAM-D mask update (Eq. 7-9) from the current gradients at w (call before first_step)."""
-        from ssam_tune.masks import dynamic_mask_update, tensor_dynamic_update
+        from ssam_tune.method.masks import dynamic_mask_update, tensor_dynamic_update
 
         if self._masks is None:
             raise ValueError("dynamic_update needs an initial mask: call set_masks(random_mask(...)) first")

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from ssam_tune.experiment import TUNER_FILE, Experiment
 from ssam_tune.export.front import hp_keys
 from ssam_tune.export.read import finite_number
 from ssam_tune.export.tensorboard import (
@@ -39,6 +38,7 @@ from ssam_tune.export.tensorboard import (
     trial_status,
     write_events,
 )
+from ssam_tune.storage.experiment import TUNER_FILE, Experiment
 
 __all__ = ["LiveTensorBoard", "ray_tensorboard_off"]
 

@@ -20,10 +20,10 @@ notes, section 5):
 - Nothing in the searcher's callbacks raises out of Tune: a failure to write the study is
   logged and the search goes on (the exports are built from Ray's results).
 
-The study lives in a journal file (see :mod:`ssam_tune.study`) that survives driver crashes
+The study lives in a journal file (see :mod:`ssam_tune.tuning.study`) that survives driver crashes
 and can be opened with ``optuna-dashboard``; for a URI experiment it travels inside the
 searcher state Ray saves (see :meth:`SsamSearcher.save`). Private Optuna attributes are reached only
-through :mod:`ssam_tune._private`.
+through :mod:`ssam_tune.tuning._private`.
 """
 
 from __future__ import annotations
@@ -39,27 +39,17 @@ from pathlib import Path
 import optuna
 from ray.tune.search import Searcher
 
-from ssam_tune import _private
-from ssam_tune.experiment import JOURNAL_FILE, Experiment, atomic_write
-from ssam_tune.space import SearchSpace, baseline_params, resolve_config, sample_params
-from ssam_tune.study import close_orphans, objective_values, open_study, record
+from ssam_tune.storage.experiment import JOURNAL_FILE, Experiment
+from ssam_tune.storage.files import atomic_write
+from ssam_tune.tuning import _private
+from ssam_tune.tuning.space import SearchSpace, baseline_params, resolve_config, sample_params
+from ssam_tune.tuning.study import close_orphans, objective_values, open_study, record
 
 __all__ = ["META", "SsamSearcher", "make_sampler", "sampler_seed"]
 
 log = logging.getLogger(__name__)
 META = "ssam_tune"  # key of the trial config that carries our bookkeeping
 _KEPT = ("epoch", "val_acc", "status")  # what the searcher keeps of a trial's last result
-
-
-def __getattr__(name: str):
-    """Experiments started by older versions pickled their scheduler and rung callback as
-    ``ssam_tune.search.AnchoredASHA`` / ``RungStateCallback`` (in ``tuner.pkl``): resolve
-    those names, now in :mod:`ssam_tune.schedulers`, so such experiments still resume."""
-    if name in ("AnchoredASHA", "RungStateCallback"):
-        from ssam_tune import schedulers
-
-        return getattr(schedulers, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_sampler(kind: str, seed: int, n_startup: int, population_size: int | None = None):
@@ -158,7 +148,7 @@ class SsamSearcher(Searcher):
             return None  # asked again when a trial finishes
         meta = {"trial_id": trial_id, "exp_dir": self.exp_dir, "epochs": self.space.epochs}
         t = self.space.tune
-        if t.workers > 1:  # a data-parallel trial: what its Ray Train run needs (ssam_tune.trainable)
+        if t.workers > 1:  # a data-parallel trial: what its Ray Train run needs (ssam_tune.tuning.trainable)
             meta["train_run"] = {"workers": t.workers, "cpu": t.cpu, "gpu": t.gpu, "max_failures": t.max_failures,
                                  "keep_checkpoints": t.keep_checkpoints}
         if self._issued_fixed < len(self._fixed):

@@ -3,7 +3,7 @@
 Everything here is a pure function of tensors (plus an explicit torch.Generator), so each
 piece is testable without training:
 
-- :func:`fisher_scores` (from :mod:`ssam_tune.fisher`): the scores of SSAM-F, Eq. 5.
+- :func:`fisher_scores` (from :mod:`ssam_tune.method.fisher`): the scores of SSAM-F, Eq. 5.
 - :func:`topk_mask`: SSAM-F's global top-k (Eq. 6): exactly floor((1 - s) * d) ones.
 - :func:`random_mask`, :func:`dynamic_mask_update`, :func:`f_decay`: SSAM-D (Eq. 7-9) and the
   random-mask ablation of Table 7.
@@ -12,7 +12,7 @@ piece is testable without training:
 - Tensor granularity (``method.granularity: tensor``): :func:`tensor_topk_mask`,
   :func:`tensor_random_mask` and :func:`tensor_dynamic_update` perturb whole parameter
   tensors, so the pass at w needs only the perturbed tensors' gradients
-  (:meth:`ssam_tune.optim.SSAM.first_pass`); :func:`norm_mask` is SAM-ON's (Mueller et al.,
+  (:meth:`ssam_tune.method.optim.SSAM.first_pass`); :func:`norm_mask` is SAM-ON's (Mueller et al.,
   NeurIPS 2023: only the normalization layers).
 
 Masks are lists of bool tensors, one per parameter, on the parameter's device; a tensor mask
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ssam_tune.fisher import BN_MODES, fisher_scores
+from ssam_tune.method.fisher import BN_MODES, fisher_scores
 
 __all__ = [
     "BN_MODES", "DROP_STRATEGIES", "GRANULARITIES", "NORM_LAYERS", "TENSOR_SCORES", "MaskSchedule",
@@ -216,7 +216,7 @@ def tensor_topk_mask(scores: Sequence[torch.Tensor], sparsity: float, reduce: st
     ranking, a tensor that would overshoot by more than it helps is passed over).
 
     - ``reduce="per_flop"`` (default): ``costs[i]`` is the backward FLOPs of a pass at w in
-      which only tensor i is perturbed (:func:`ssam_tune.flops.backward_flops_per_tensor`: its
+      which only tensor i is perturbed (:func:`ssam_tune.method.flops.backward_flops_per_tensor`: its
       weight gradient and every input gradient between it and the loss). Only the cheapest
       tensors that can hold the budget compete: the pool grows by cost until the walk over it
       (ranked by total score over cost) lands within 2.5% of d of floor((1 - s) d), or the

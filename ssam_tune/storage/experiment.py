@@ -1,4 +1,4 @@
-"""The experiment folder: its layout, local paths and URIs, atomic writes, the study's place.
+"""The experiment folder: its layout, local paths and URIs, the study's place.
 
 An experiment lives at ``<storage>/<name>``, where storage is a local folder (default
 ``results/ray``) or a URI that pyarrow understands (``s3://bucket/prefix``, ``gs://...``,
@@ -12,24 +12,22 @@ An experiment lives at ``<storage>/<name>``, where storage is a local folder (de
     trial_<id>/checkpoint_*/  Ray's checkpoints of a trial (its last tune.keep_checkpoints)
     checkpoints/<trial id>/   the trial's own newest checkpoint while it runs (local storage)
 
-Every other module asks this one for a path; nothing else tests for ``"://"``. Local files
-are written atomically (a temporary file in the same folder, then ``os.replace``), object
-stores write whole objects on close, which is atomic for readers.
+Every other module asks this one (or :func:`ssam_tune.storage.files.is_uri`) whether a path
+is a URI. Local files are written atomically (:mod:`ssam_tune.storage.files`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+
+from ssam_tune.storage.files import atomic_write, is_uri
 
 __all__ = ["CHECKPOINTS_DIR", "JOURNAL_FILE", "RESULTS", "RUNGS_FILE", "SPACE_FILE", "TUNER_FILE",
-           "Experiment", "atomic_write", "is_uri", "new_dir", "resolve_storage", "swap_dir"]
+           "Experiment", "resolve_storage"]
 
 RESULTS = Path("results")  # exports go to results/<name>, local Ray storage to results/ray
 SPACE_FILE = "space.yaml"
@@ -49,11 +47,6 @@ _STATE_CHUNK = 1 << 22  # bytes of a state file read at a time
 JOURNAL_CACHE = Path("~/.cache/ssam_tune/optuna")
 
 
-def is_uri(path: str | os.PathLike | None) -> bool:
-    """True for ``scheme://...`` (object storage or ``file://``), False for a plain path."""
-    return path is not None and "://" in str(path)
-
-
 def resolve_storage(storage: str) -> str:
     """A storage location in canonical form: URIs without a trailing slash, local paths
     absolute (trials may run with another working directory)."""
@@ -61,58 +54,6 @@ def resolve_storage(storage: str) -> str:
         return str(storage).rstrip("/")
     return str(Path(storage).expanduser().resolve())
 
-
-# ---------------------------------------------------------------------------------------------
-# atomic local writes
-# ---------------------------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[IO[bytes]], None], *,
-                 fsync: bool = False) -> None:
-    """Write ``path`` through a temporary file in the same folder and ``os.replace``: a reader
-    sees the old file or the new one, never half of one. ``data`` is text, bytes, or a
-    function that writes to the open binary file (``torch.save``). ``fsync`` forces the bytes
-    to disk before the rename (checkpoints)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open: the umask's permissions
-    try:
-        with open(tmp, "wb") as fh:
-            if callable(data):
-                data(fh)
-            else:
-                fh.write(data.encode() if isinstance(data, str) else data)
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def clear_partial_writes(folder: Path) -> None:
-    """Remove the temporary files of writes cut short by a crash (see :func:`atomic_write`)."""
-    for stale in folder.glob(".*.tmp*"):  # also .<name>.tmp<pid>, the older naming
-        stale.unlink(missing_ok=True)
-
-
-def new_dir(parent: Path, name: str) -> Path:
-    """An empty scratch folder ``parent/.<name>.<pid>.new`` (a leftover of a crash is cleared)."""
-    path = parent / f".{name}.{os.getpid()}.new"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
-
-
-def swap_dir(built: Path, dest: Path) -> None:
-    """Put the folder ``built`` in place of ``dest`` (the old one is renamed away, then removed)."""
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.{os.getpid()}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-    os.replace(built, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
