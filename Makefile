@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 NUMERIC_TESTS := tests/test_optim.py tests/test_masks.py tests/test_flops.py tests/test_models.py \
                  tests/test_methods.py tests/test_train.py tests/test_structured.py tests/test_distributed.py
 
-.PHONY: venv quickstart test lint test-portable clean
+.PHONY: venv quickstart test test-fast lint test-portable clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,8 +27,14 @@ lint: venv
 	$(BIN)/python -m ruff check .
 	$(BIN)/lint-imports --no-cache
 
+# Everything: the fast tier, then the end-to-end tier (tests that start Ray or a search
+# subprocess, marked e2e by tests/conftest.py); the slowest tests are listed at the end.
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --durations=25
+
+# The inner loop: every test that starts no Ray (all of the method and training layers).
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not e2e" tests --durations=10
 
 test-portable: venv
 	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(NUMERIC_TESTS)

@@ -7,7 +7,7 @@ cumulative FLOPs counters, train_seconds, status, best_val_acc, best_epoch, test
 label), plus ``true_final_acc``, the noise-free final validation accuracy of its config (the
 benchmark's ground truth; nothing in ssam_tune reads it). It never sleeps and writes no
 checkpoint. Ray workers import it by name: the folder holding this file must be on the
-workers' ``PYTHONPATH`` (:func:`worker_pythonpath`).
+workers' ``PYTHONPATH`` (:func:`_search_common.fresh_ray_env`).
 
 The model and its assumptions (numbers loosely after Mi et al. 2022, Table 1, ResNet-18 on
 CIFAR-10, where SAM gains ~0.8 points over SGD and SSAM keeps most of it up to high sparsity):
@@ -50,11 +50,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 SPARSE = ("ssam_f", "ssam_d")
 FLOPS_PER_EPOCH = 1.0e15  # theoretical FLOPs of one SGD epoch (arbitrary units)
 SECONDS_PER_EPOCH = 20.0  # synthetic seconds per executed SGD-epoch of FLOPs
@@ -72,12 +70,6 @@ SPACE = {
     "method.T_m": [1, 2, 5, 10, 20],
     "method.alpha": (0.1, 0.9),  # uniform
 }
-
-
-def worker_pythonpath(environ: dict) -> str:
-    """PYTHONPATH that lets Ray workers started from ``environ`` import this module."""
-    parts = [HERE] + [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != HERE]
-    return os.pathsep.join(parts)
 
 
 # -- the noise-free model (numpy: scalars or arrays alike) -----------------------------------

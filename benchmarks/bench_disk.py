@@ -2,7 +2,7 @@
 
 200 trials (197 TPE-sampled + 3 baselines), 4 epochs, MO-ASHA grace 1 rf 2, 4 trials at a
 time x 0.5 CPU, through ``ssam_tune.run.run_search`` with ``checkpointing_trainable`` of
-``tests/_trivial.py``: the trivial trainable's results, each epoch with a checkpoint of
+``_search_trivial.py``: the trivial trainable's results, each epoch with a checkpoint of
 ``--ckpt-mib`` MiB of random bytes (a stand-in for a model's; ResNet-18 is ~100 MB). A thread
 sums the sizes of the files under the experiment folder every 0.25 s (the peak) and once
 more after the export. The two settings run one after the other, same seed, same machine.
@@ -15,22 +15,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 from _common import header
+from _search_common import fresh_ray_env, quiet
+from _search_trivial import CKPT_BYTES_ENV, checkpointing_trainable, load_space_dict
 
 NAME = Path(__file__).stem
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-os.environ.pop("RAY_ADDRESS", None)
-
-from _trivial import checkpointing_trainable, load_space_dict, worker_pythonpath  # noqa: E402
-
-os.environ["PYTHONPATH"] = worker_pythonpath(os.environ)  # Ray workers import _trivial by name
+fresh_ray_env()  # fresh local Ray instances; workers import _search_trivial by name
 
 
 def tree_bytes(root: Path) -> int:
@@ -75,14 +70,11 @@ def run(retain: str, trials: int, tmp: Path) -> dict:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     t0 = time.perf_counter()
-    saved = os.dup(1)
-    os.dup2(2, 1)  # Ray's and the driver's console to stderr
     try:
-        run_search(space, storage=str(tmp / "ray"), resume=False, results=str(tmp), trainable=checkpointing_trainable)
+        with quiet():  # Ray's and the driver's console to stderr
+            run_search(space, storage=str(tmp / "ray"), resume=False, results=str(tmp),
+                       trainable=checkpointing_trainable)
     finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
         done.set()
         thread.join()
     rows = load_trials(str(exp), "flops_theoretical")
@@ -100,7 +92,7 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=200)
     p.add_argument("--ckpt-mib", type=float, default=1.0)
     args = p.parse_args()
-    os.environ["SSAM_TEST_CKPT_BYTES"] = str(int(args.ckpt_mib * (1 << 20)))
+    os.environ[CKPT_BYTES_ENV] = str(int(args.ckpt_mib * (1 << 20)))  # read by the Ray workers
     out = print
     header(out, NAME, packages=("ray", "optuna"))
     mib = 1 << 20

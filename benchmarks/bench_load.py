@@ -4,12 +4,12 @@ Three measurements in one run, on one machine (a fresh local Ray for each experi
 
 (a) Memory. 500 trials (497 sampled by TPE + 3 baselines, 4 epochs, ASHA grace 1, 4 trials at
     a time, 0.5 CPU each) through ``ssam_tune.run.run_search`` with the trivial trainable of
-    ``tests/_trivial.py``. The driver's resident memory (VmRSS of this process, from
+    ``_search_trivial.py``. The driver's resident memory (VmRSS of this process, from
     /proc/self/status) is read at the moment the searcher is told of the 50th, 100th, ...,
     500th finished trial: ``ssam_tune.tuning.search.SsamSearcher`` is replaced, for this run only,
     by a subclass whose ``on_trial_complete`` counts and reads VmRSS before calling the
-    real one (``run_search`` imports the class at call time, so it picks the subclass up;
-    nothing else changes). Target: RSS(500) / RSS(50) <= 1.5.
+    real one (``run_search`` looks the class up when it is called, so it picks the subclass up;
+    nothing else changes; ``_search_common.searcher_patched``). Target: RSS(500) / RSS(50) <= 1.5.
 (b) Overhead. The same trivial function trainable, N trials, 4 at a time, 0.5 CPU each,
     4 epochs, run by bare ``tune.Tuner`` (default FIFO scheduler, default random
     variant generator, no searcher, ``reuse_actors=True`` as run_search uses) and by
@@ -29,7 +29,6 @@ Usage: python benchmarks/bench_load.py [--quick] > benchmarks/bench_load.txt
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import json
 import os
@@ -40,133 +39,33 @@ import time
 from pathlib import Path
 
 from _common import header
+from _search_common import (
+    COUNTER,
+    REPO,
+    SEARCHER_S,
+    SIDES,
+    emit,
+    emit_marks,
+    footer,
+    fresh_ray_env,
+    quiet,
+    read_trials,
+    rss_mib,
+    run_side,
+    searcher_note,
+    searcher_patched,
+    timed_exports,
+)
+from _search_trivial import load_space_dict, trivial_trainable
 
 NAME = Path(__file__).stem
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-os.environ.pop("RAY_ADDRESS", None)  # always fresh local Ray instances
-
-from _trivial import load_space_dict, trivial_trainable, worker_pythonpath  # noqa: E402
-
-os.environ["PYTHONPATH"] = worker_pythonpath(os.environ)  # Ray workers import _trivial by name
-
-OUT = sys.stdout
-
-
-def emit(line: str = "") -> None:
-    print(line, file=OUT, flush=True)
-
-
-@contextlib.contextmanager
-def quiet_stdout():
-    """Send fd 1 (Ray Tune's tables, worker logs) to stderr; the report keeps the real stdout."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    global OUT
-    real = os.fdopen(os.dup(saved), "w")
-    OUT = real
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-        real.close()
-        OUT = sys.stdout
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+fresh_ray_env()  # fresh local Ray instances; workers import _search_trivial by name
 
 
 # --------------------------------------------------------------------------------------------
 # (a) memory of the driver over a long search
 # --------------------------------------------------------------------------------------------
-COUNTER = {"done": 0, "marks": {}, "times": {}, "t0": None}
-
-
-SEARCHER_S = {"suggest": 0.0, "on_trial_result": 0.0, "on_trial_complete": 0.0}
-
-
-def instrumented_searcher(marks: set[int]):
-    """SsamSearcher that counts finished trials (reading VmRSS at ``marks``) and adds up the
-    driver time spent in its own calls (Optuna ask/tell and the journal file)."""
-    from ssam_tune.tuning.search import SsamSearcher
-
-    class InstrumentedSearcher(SsamSearcher):
-        def suggest(self, trial_id):
-            t = time.perf_counter()
-            try:
-                return super().suggest(trial_id)
-            finally:
-                SEARCHER_S["suggest"] += time.perf_counter() - t
-
-        def on_trial_result(self, trial_id, result):
-            t = time.perf_counter()
-            try:
-                return super().on_trial_result(trial_id, result)
-            finally:
-                SEARCHER_S["on_trial_result"] += time.perf_counter() - t
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            COUNTER["done"] += 1
-            n = COUNTER["done"]
-            if n in marks:
-                COUNTER["marks"][n] = rss_mib()
-                COUNTER["times"][n] = time.perf_counter() - COUNTER["t0"]
-            t = time.perf_counter()
-            try:
-                return super().on_trial_complete(trial_id, result, error)
-            finally:
-                SEARCHER_S["on_trial_complete"] += time.perf_counter() - t
-
-    return InstrumentedSearcher
-
-
-@contextlib.contextmanager
-def searcher_patched(marks: set[int]):
-    """run_search imports SsamSearcher from ssam_tune.tuning.search at call time: swap it for the run."""
-    import ssam_tune.tuning.search as S
-
-    real = S.SsamSearcher
-    S.SsamSearcher = instrumented_searcher(marks)
-    COUNTER.update(done=0, marks={}, times={}, t0=time.perf_counter())
-    for k in SEARCHER_S:
-        SEARCHER_S[k] = 0.0
-    try:
-        yield
-    finally:
-        S.SsamSearcher = real
-
-
-@contextlib.contextmanager
-def timed_exports(box: dict):
-    import ssam_tune.export as E
-
-    real = E.export_experiment
-
-    def wrapper(*args, **kw):
-        t = time.perf_counter()
-        try:
-            return real(*args, **kw)
-        finally:
-            box["export_s"] = box.get("export_s", 0.0) + time.perf_counter() - t
-
-    E.export_experiment = wrapper
-    try:
-        yield
-    finally:
-        E.export_experiment = real
-
-
 def memory_run(n_trials: int, tmp: Path) -> None:
-    import csv
-
     from ssam_tune.run import run_search
     from ssam_tune.tuning.space import load_space
 
@@ -177,16 +76,12 @@ def memory_run(n_trials: int, tmp: Path) -> None:
     assert space.budget() == n_trials
     box: dict = {}
     rss_start = rss_mib()
-    with searcher_patched(set(marks)), quiet_stdout(), timed_exports(box):
+    with searcher_patched(set(marks)), quiet(), timed_exports(box):
         out = run_search(space, storage=str(tmp / "ray"), resume=False, results=str(tmp),
                          trainable=trivial_trainable)
     wall = time.perf_counter() - COUNTER["t0"]
     rss_end = rss_mib()
-    with open(out / "trials.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    statuses: dict[str, int] = {}
-    for r in rows:
-        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    rows, statuses = read_trials(out)
     emit(f"(a) driver memory: {n_trials} trials ({n_trials - 3} TPE-sampled + 3 baselines), 4 epochs, "
          f"ASHA grace 1 rf 2, 4 at a time x 0.5 CPU, trivial trainable")
     emit(f"    completed in {wall:.0f} s ({wall / n_trials:.2f} s/trial, exports {box.get('export_s', 0):.0f} s); "
@@ -196,16 +91,7 @@ def memory_run(n_trials: int, tmp: Path) -> None:
          f"{SEARCHER_S['on_trial_complete']:.0f} s = {1000 * sum(SEARCHER_S.values()) / n_trials:.0f} ms/trial")
     emit(f"    VmRSS before run_search: {rss_start:.0f} MiB; after run_search returned (Ray shut down, "
          f"exports written): {rss_end:.0f} MiB")
-    prev_t, prev_n = 0.0, 0
-    for n in marks:
-        if n not in COUNTER["marks"]:
-            emit(f"    after {n:>4} finished trials: not reached (searcher told of {COUNTER['done']})")
-            continue
-        t = COUNTER["times"][n]
-        rate = (t - prev_t) / (n - prev_n)
-        emit(f"    after {n:>4} finished trials: VmRSS {COUNTER['marks'][n]:7.0f} MiB   "
-             f"t = {t:6.0f} s   ({rate:.2f} s/trial since the previous mark)")
-        prev_t, prev_n = t, n
+    emit_marks(marks)
     if first in COUNTER["marks"] and n_trials in COUNTER["marks"]:
         ratio = COUNTER["marks"][n_trials] / COUNTER["marks"][first]
         verdict = "PASS" if ratio <= 1.5 else "FAIL"
@@ -215,93 +101,19 @@ def memory_run(n_trials: int, tmp: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # (b) per-trial overhead against bare Ray Tune
 # --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def timed_ray(box: dict):
-    """Time ray.init and ray.shutdown (start-up and tear-down, the same for both sides)."""
-    import ray
-
-    real_init, real_shutdown = ray.init, ray.shutdown
-
-    def timed(fn, key):
-        def wrapper(*args, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kw)
-            finally:
-                box[key] = box.get(key, 0.0) + time.perf_counter() - t
-        return wrapper
-
-    ray.init, ray.shutdown = timed(real_init, "init_s"), timed(real_shutdown, "shutdown_s")
-    try:
-        yield
-    finally:
-        ray.init, ray.shutdown = real_init, real_shutdown
-
-
-def bare_run(n: int, tmp: Path, name: str) -> dict:
-    import ray
-    from ray import tune
-
-    from ssam_tune.tuning.space import load_space
-
-    base = load_space(tmp / "b.yaml", data=load_space_dict("b", 1)).base
-    cfg = json.loads(json.dumps(base))
-    cfg["method"].update(name=tune.choice(["sam", "ssam_f", "ssam_d"]), rho=tune.loguniform(0.02, 0.5),
-                         sparsity=tune.uniform(0.5, 0.95), N_F=tune.choice([8, 16]))
-    box: dict = {}
-    t0 = time.perf_counter()
-    with quiet_stdout(), timed_ray(box):
-        ray.init(address="local", include_dashboard=False,
-                 runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}, log_to_driver=True)
-        try:
-            tuner = tune.Tuner(
-                tune.with_resources(trivial_trainable, {"cpu": 0.5, "gpu": 0.0}),
-                param_space={"ssam_tune": {"label": "bare"}, "config": cfg},
-                tune_config=tune.TuneConfig(num_samples=n, max_concurrent_trials=4, reuse_actors=True),
-                run_config=tune.RunConfig(name=name, storage_path=str(tmp / "ray"), verbose=1))
-            results = tuner.fit()
-        finally:
-            ray.shutdown()
-    box["wall_s"] = time.perf_counter() - t0
-    assert len(results) == n and not results.errors, (len(results), results.errors)
-    return box
-
-
-def ssam_run(n: int, tmp: Path, name: str) -> dict:
-    from ssam_tune.run import run_search
-    from ssam_tune.tuning.space import load_space
-
-    space = load_space(tmp / f"{name}.yaml", data=load_space_dict(name, n, scheduler="none", baselines=[]))
-    assert space.budget() == n
-    box: dict = {}
-    t0 = time.perf_counter()
-    with searcher_patched(set()), quiet_stdout(), timed_exports(box), timed_ray(box):
-        out = run_search(space, storage=str(tmp / "ray"), resume=False, results=str(tmp),
-                         trainable=trivial_trainable)
-    box["wall_s"] = time.perf_counter() - t0
-    box["searcher_s"] = sum(SEARCHER_S.values())
-    box["ask_s"] = SEARCHER_S["suggest"]
-    lines = (out / "trials.csv").read_text().splitlines()
-    assert len(lines) == n + 1, len(lines)
-    return box
-
-
 def overhead(n: int, tmp: Path) -> None:
     emit(f"(b) per-trial wall overhead: {n} trials each side, 4 epochs, no early stopping, 4 at a time x "
          "0.5 CPU, same trivial trainable; order A-B-B-A")
     emit("    'run' = wall minus ray.init, ray.shutdown and (ssam-tune) the exports: the Tune loop itself")
     runs: dict[str, list[dict]] = {"bare": [], "ssam": []}
-    names = {"bare": "bare tune.Tuner (FIFO, no searcher)", "ssam": "ssam-tune run_search (TPE, journal)"}
     for i, order in enumerate((("bare", "ssam"), ("ssam", "bare"))):
         for side in order:
-            box = bare_run(n, tmp, f"bare{i}") if side == "bare" else ssam_run(n, tmp, f"ssam{i}")
-            box["run_s"] = box["wall_s"] - box.get("init_s", 0) - box.get("shutdown_s", 0) - box.get("export_s", 0)
+            box = run_side(side, n, tmp, i, bare_verbose=1)  # bare side: Ray's status tables (to stderr)
             runs[side].append(box)
-            emit(f"    {names[side]} #{i + 1}: wall {box['wall_s']:6.1f} s = {box['wall_s'] / n:.3f} s/trial; "
+            emit(f"    {SIDES[side]} #{i + 1}: wall {box['wall_s']:6.1f} s = {box['wall_s'] / n:.3f} s/trial; "
                  f"init {box.get('init_s', 0):4.1f} s, shutdown {box.get('shutdown_s', 0):4.1f} s, "
                  f"exports {box.get('export_s', 0):4.1f} s, run {box['run_s'] / n:.3f} s/trial"
-                 + (f" (searcher {1000 * box['searcher_s'] / n:.0f} ms/trial, of which ask "
-                    f"{1000 * box['ask_s'] / n:.0f})" if "searcher_s" in box else ""))
+                 + searcher_note(box, n))
 
     def mean(side, key):
         return sum(b.get(key, 0.0) for b in runs[side]) / len(runs[side])
@@ -368,8 +180,7 @@ def main() -> int:
         if "c" not in skip:
             (tmp / "c").mkdir()
             quickstart(tmp / "c", smoke=args.quick)
-    emit(f"# whole benchmark: {time.perf_counter() - t0:.0f} s wall; 1-min load average at end "
-         f"{os.getloadavg()[0]:.1f}")
+    footer(t0)
     return 0
 
 

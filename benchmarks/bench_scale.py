@@ -3,7 +3,7 @@
 Three measurements in one run, on one machine:
 
 (a) Export. A synthetic 2,000-trial experiment folder in the layout Ray 2.60 writes (written
-    by ``tests/_synthetic_ray.py``, no Ray: experiment_state-*.json with Ray's per-trial
+    by ``_search_experiment.py``, no Ray: experiment_state-*.json with Ray's per-trial
     entries, trial_<id>/params.json, result.json with one Ray result line per epoch, the
     ``config`` included, error.txt for errored trials, space.yaml, optuna.journal with every
     trial), shaped like a paper search: 200 epochs, MO-ASHA rungs at 50 and 150 (rf 3), so
@@ -17,13 +17,14 @@ Three measurements in one run, on one machine:
     Then every output file of the two exports is compared byte for byte.
     Targets: <= 20 s and <= 500 MiB peak.
 (b) Driver memory. 2,000 trials (1,997 TPE-sampled + 3 baselines, 4 epochs, MO-ASHA grace 1
-    rf 2, 4 at a time x 0.5 CPU) of the trivial trainable (``tests/_trivial.py``) through
+    rf 2, 4 at a time x 0.5 CPU) of the trivial trainable (``_search_trivial.py``) through
     ``ssam_tune.run.run_search`` on a fresh local Ray. The driver's VmRSS is read when the
     searcher is told of the 200th, 500th, ..., 2,000th finished trial (a subclass of
-    ``SsamSearcher`` swapped in for the run, as in bench_load.py). Also counted: results the
-    scheduler saw, rung decisions, and writes of ``asha_rungs.json`` (written only when a
-    rung changes). Target: RSS(2000) / RSS(200) <= 1.2. For reference, the same number of
-    trials through a bare ``tune.Tuner`` (FIFO, no searcher), VmRSS at the same marks: Ray's own growth.
+    ``SsamSearcher`` swapped in for the run, ``_search_common.searcher_patched``, as in
+    bench_load.py). Also counted: results the scheduler saw, rung decisions, and writes of
+    ``asha_rungs.json`` (written only when a rung changes). Target: RSS(2000) / RSS(200) <= 1.2.
+    For reference, the same number of trials through a bare ``tune.Tuner`` (FIFO, no searcher),
+    VmRSS at the same marks: Ray's own growth.
 (c) Per-trial overhead. The trivial trainable, N trials, 4 epochs, 4 at a time x 0.5 CPU, by
     bare ``tune.Tuner`` (FIFO, random variants, no searcher, ``verbose=0`` as run_search; bench_load's
     bare side printed Ray's status tables, verbose=1) and by ``run_search`` with
@@ -32,7 +33,7 @@ Three measurements in one run, on one machine:
     of every adjacent pair and their median are printed. Target: <= 1.1x.
 
 Usage: python benchmarks/bench_scale.py > benchmarks/bench_scale.txt
-(Ray's and the searcher's console output goes to stderr; ``--quick``: 200 / 300 / 30 trials.)
+(Ray's and the searcher's console output goes to stderr; ``--quick``: 300 / 200 / 30 trials.)
 ``--profile FILE``: instead, one run_search of (c) under cProfile, stats written to FILE.
 """
 
@@ -49,41 +50,31 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import header, quiet_stdout
+from _common import header
+from _search_common import (
+    COUNTER,
+    REPO,
+    SEARCHER_S,
+    SIDES,
+    bare_config,
+    emit,
+    emit_marks,
+    fit_bare,
+    footer,
+    fresh_ray_env,
+    quiet,
+    read_trials,
+    rss_mib,
+    run_side,
+    searcher_note,
+    searcher_patched,
+    ssam_run,
+    timed_exports,
+)
+from _search_trivial import load_space_dict, trivial_trainable
 
 NAME = Path(__file__).stem
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-os.environ.pop("RAY_ADDRESS", None)  # always fresh local Ray instances
-
-from _trivial import load_space_dict, trivial_trainable, worker_pythonpath  # noqa: E402
-
-os.environ["PYTHONPATH"] = worker_pythonpath(os.environ)  # Ray workers import _trivial by name
-
-OUT = sys.stdout
-
-
-def emit(line: str = "") -> None:
-    print(line, file=OUT, flush=True)
-
-
-@contextlib.contextmanager
-def quiet():
-    global OUT
-    with quiet_stdout() as real:
-        OUT = real
-        try:
-            yield
-        finally:
-            OUT = sys.stdout
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+fresh_ray_env()  # fresh local Ray instances; workers import _search_trivial by name
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +129,7 @@ def compare_outputs(a: Path, b: Path) -> list[str]:
 
 
 def export_part(n_trials: int, epochs: int, tmp: Path, before: str, rounds: int) -> None:
-    from _synthetic_ray import write_experiment
+    from _search_experiment import write_experiment
 
     exp = tmp / "ray" / "scale"
     t0 = time.perf_counter()
@@ -189,59 +180,6 @@ def export_part(n_trials: int, epochs: int, tmp: Path, before: str, rounds: int)
 # --------------------------------------------------------------------------------------------
 # (b) the driver's memory over 2,000 trials
 # --------------------------------------------------------------------------------------------
-COUNTER = {"done": 0, "marks": {}, "times": {}, "t0": None}
-SEARCHER_S = {"suggest": 0.0, "on_trial_result": 0.0, "on_trial_complete": 0.0}
-
-
-def instrumented_searcher(marks: set[int]):
-    from ssam_tune.tuning.search import SsamSearcher
-
-    class InstrumentedSearcher(SsamSearcher):
-        def suggest(self, trial_id):
-            t = time.perf_counter()
-            try:
-                return super().suggest(trial_id)
-            finally:
-                SEARCHER_S["suggest"] += time.perf_counter() - t
-
-        def on_trial_result(self, trial_id, result):
-            t = time.perf_counter()
-            try:
-                return super().on_trial_result(trial_id, result)
-            finally:
-                SEARCHER_S["on_trial_result"] += time.perf_counter() - t
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            COUNTER["done"] += 1
-            n = COUNTER["done"]
-            if n in marks:
-                COUNTER["marks"][n] = rss_mib()
-                COUNTER["times"][n] = time.perf_counter() - COUNTER["t0"]
-            t = time.perf_counter()
-            try:
-                return super().on_trial_complete(trial_id, result, error)
-            finally:
-                SEARCHER_S["on_trial_complete"] += time.perf_counter() - t
-
-    return InstrumentedSearcher
-
-
-@contextlib.contextmanager
-def searcher_patched(marks: set[int]):
-    """run_search imports SsamSearcher from ssam_tune.tuning.search at call time: swap it for the run."""
-    import ssam_tune.tuning.search as S
-
-    real = S.SsamSearcher
-    S.SsamSearcher = instrumented_searcher(marks)
-    COUNTER.update(done=0, marks={}, times={}, t0=time.perf_counter())
-    for k in SEARCHER_S:
-        SEARCHER_S[k] = 0.0
-    try:
-        yield
-    finally:
-        S.SsamSearcher = real
-
-
 @contextlib.contextmanager
 def rung_writes_counted(box: dict):
     """Count the scheduler's results and decisions and the writes of asha_rungs.json."""
@@ -270,29 +208,7 @@ def rung_writes_counted(box: dict):
         Experiment.write_text, schedulers.MOASHA.on_trial_result = real_write, real_result
 
 
-@contextlib.contextmanager
-def timed_exports(box: dict):
-    import ssam_tune.export as E
-
-    real = E.export_experiment
-
-    def wrapper(*args, **kw):
-        t = time.perf_counter()
-        try:
-            return real(*args, **kw)
-        finally:
-            box["export_s"] = box.get("export_s", 0.0) + time.perf_counter() - t
-
-    E.export_experiment = wrapper
-    try:
-        yield
-    finally:
-        E.export_experiment = real
-
-
 def memory_part(n_trials: int, tmp: Path) -> None:
-    import csv
-
     from ssam_tune.run import run_search
     from ssam_tune.tuning.space import load_space
 
@@ -309,11 +225,7 @@ def memory_part(n_trials: int, tmp: Path) -> None:
                          trainable=trivial_trainable)
     wall = time.perf_counter() - COUNTER["t0"]
     rss_end = rss_mib()
-    with open(out / "trials.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    statuses: dict[str, int] = {}
-    for r in rows:
-        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    rows, statuses = read_trials(out)
     rungs = json.loads((tmp / "ray" / "scale" / "asha_rungs.json").read_text())
     decisions = sum(len(rec) for rec in rungs["rungs"].values())
     emit(f"(b) driver memory: {n_trials} trials ({n_trials - 3} TPE-sampled + 3 baselines), 4 epochs, MO-ASHA "
@@ -330,15 +242,7 @@ def memory_part(n_trials: int, tmp: Path) -> None:
          f"{'yes' if box.get('rung_writes', 0) <= decisions else 'NO'})")
     emit(f"    VmRSS before run_search: {rss_start:.0f} MiB; after it returned (Ray shut down, exports "
          f"written): {rss_end:.0f} MiB")
-    prev_t, prev_n = 0.0, 0
-    for n in marks:
-        if n not in COUNTER["marks"]:
-            emit(f"    after {n:>4} finished trials: not reached (searcher told of {COUNTER['done']})")
-            continue
-        t = COUNTER["times"][n]
-        emit(f"    after {n:>4} finished trials: VmRSS {COUNTER['marks'][n]:7.0f} MiB   t = {t:6.0f} s   "
-             f"({(t - prev_t) / (n - prev_n):.2f} s/trial since the previous mark)")
-        prev_t, prev_n = t, n
+    emit_marks(marks)
     if first in COUNTER["marks"] and n_trials in COUNTER["marks"]:
         ratio = COUNTER["marks"][n_trials] / COUNTER["marks"][first]
         verdict = "PASS" if ratio <= 1.2 else "FAIL"
@@ -350,10 +254,7 @@ def memory_part(n_trials: int, tmp: Path) -> None:
 def bare_memory(n_trials: int, tmp: Path) -> None:
     """Ray's own share: the same trainable, trials, epochs and concurrency through a bare
     tune.Tuner (FIFO, random variants, no searcher), VmRSS read at the same marks."""
-    import ray
     from ray import tune
-
-    from ssam_tune.tuning.space import load_space
 
     first = 200 if n_trials >= 400 else max(10, n_trials // 10)
     marks, seen = {first, n_trials}, {}
@@ -366,23 +267,10 @@ def bare_memory(n_trials: int, tmp: Path) -> None:
             if Marks.done in marks:
                 seen[Marks.done] = rss_mib()
 
-    base = load_space(tmp / "bm.yaml", data=load_space_dict("bm", 1)).base
-    cfg = json.loads(json.dumps(base))
-    cfg["method"].update(name=tune.choice(["sam", "ssam_f", "ssam_d"]), rho=tune.loguniform(0.02, 0.5),
-                         sparsity=tune.uniform(0.5, 0.95), N_F=tune.choice([8, 16]))
+    cfg = bare_config(tmp, "bare_memory")
     t0 = time.perf_counter()
     with quiet():
-        ray.init(address="local", include_dashboard=False,
-                 runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}, log_to_driver=True)
-        try:
-            tune.Tuner(
-                tune.with_resources(trivial_trainable, {"cpu": 0.5, "gpu": 0.0}),
-                param_space={"ssam_tune": {"label": "bare"}, "config": cfg},
-                tune_config=tune.TuneConfig(num_samples=n_trials, max_concurrent_trials=4, reuse_actors=True),
-                run_config=tune.RunConfig(name="bare_memory", storage_path=str(tmp / "ray"), verbose=0,
-                                          callbacks=[Marks()])).fit()
-        finally:
-            ray.shutdown()
+        fit_bare(n_trials, tmp, "bare_memory", cfg, verbose=0, callbacks=[Marks()])
     if first in seen and n_trials in seen:
         emit(f"    for reference, bare tune.Tuner (FIFO, all 4 epochs), same trainable and concurrency: "
              f"{n_trials} trials in {time.perf_counter() - t0:.0f} s; VmRSS {seen[first]:.0f} MiB after {first}, "
@@ -393,94 +281,20 @@ def bare_memory(n_trials: int, tmp: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # (c) per-trial overhead against bare Ray Tune
 # --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def timed_ray(box: dict):
-    import ray
-
-    real_init, real_shutdown = ray.init, ray.shutdown
-
-    def timed(fn, key):
-        def wrapper(*args, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kw)
-            finally:
-                box[key] = box.get(key, 0.0) + time.perf_counter() - t
-        return wrapper
-
-    ray.init, ray.shutdown = timed(real_init, "init_s"), timed(real_shutdown, "shutdown_s")
-    try:
-        yield
-    finally:
-        ray.init, ray.shutdown = real_init, real_shutdown
-
-
-def bare_run(n: int, tmp: Path, name: str) -> dict:
-    import ray
-    from ray import tune
-
-    from ssam_tune.tuning.space import load_space
-
-    base = load_space(tmp / "b.yaml", data=load_space_dict("b", 1)).base
-    cfg = json.loads(json.dumps(base))
-    cfg["method"].update(name=tune.choice(["sam", "ssam_f", "ssam_d"]), rho=tune.loguniform(0.02, 0.5),
-                         sparsity=tune.uniform(0.5, 0.95), N_F=tune.choice([8, 16]))
-    box: dict = {}
-    t0 = time.perf_counter()
-    with quiet(), timed_ray(box):
-        ray.init(address="local", include_dashboard=False,
-                 runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}, log_to_driver=True)
-        try:
-            tuner = tune.Tuner(
-                tune.with_resources(trivial_trainable, {"cpu": 0.5, "gpu": 0.0}),
-                param_space={"ssam_tune": {"label": "bare"}, "config": cfg},
-                tune_config=tune.TuneConfig(num_samples=n, max_concurrent_trials=4, reuse_actors=True),
-                run_config=tune.RunConfig(name=name, storage_path=str(tmp / "ray"), verbose=0))  # as run_search
-            results = tuner.fit()
-        finally:
-            ray.shutdown()
-    box["wall_s"] = time.perf_counter() - t0
-    assert len(results) == n and not results.errors, (len(results), results.errors)
-    return box
-
-
-def ssam_run(n: int, tmp: Path, name: str) -> dict:
-    from ssam_tune.run import run_search
-    from ssam_tune.tuning.space import load_space
-
-    space = load_space(tmp / f"{name}.yaml", data=load_space_dict(name, n, scheduler="none", baselines=[]))
-    assert space.budget() == n
-    box: dict = {}
-    t0 = time.perf_counter()
-    with searcher_patched(set()), quiet(), timed_exports(box), timed_ray(box):
-        out = run_search(space, storage=str(tmp / "ray"), resume=False, results=str(tmp),
-                         trainable=trivial_trainable)
-    box["wall_s"] = time.perf_counter() - t0
-    box["searcher_s"] = sum(SEARCHER_S.values())
-    box["ask_s"] = SEARCHER_S["suggest"]
-    lines = (out / "trials.csv").read_text().splitlines()
-    assert len(lines) == n + 1, len(lines)
-    return box
-
-
 def overhead_part(n: int, tmp: Path, pairs: int) -> None:
     emit(f"(c) per-trial overhead: {n} trials each side, 4 epochs, no early stopping, 4 at a time x 0.5 CPU, "
          f"same trivial trainable; {pairs} pairs in A-B-B-A order")
     emit("    'run' = wall minus ray.init, ray.shutdown and (ssam-tune) the exports: the Tune loop itself")
-    names = {"bare": "bare tune.Tuner (FIFO, no searcher)", "ssam": "ssam-tune run_search (TPE, journal)"}
     ratios, run_ratios, boxes = [], [], {"bare": [], "ssam": []}
     for i in range(pairs):
         pair = {}
         for side in (("bare", "ssam") if i % 2 == 0 else ("ssam", "bare")):
-            box = bare_run(n, tmp, f"bare{i}") if side == "bare" else ssam_run(n, tmp, f"ssam{i}")
-            box["run_s"] = box["wall_s"] - box.get("init_s", 0) - box.get("shutdown_s", 0) - box.get("export_s", 0)
+            box = run_side(side, n, tmp, i, bare_verbose=0)  # bare side: verbose=0, as run_search
             pair[side] = box
             boxes[side].append(box)
-            emit(f"    {names[side]} #{i + 1}: wall {box['wall_s']:6.1f} s; init {box.get('init_s', 0):4.1f} s, "
+            emit(f"    {SIDES[side]} #{i + 1}: wall {box['wall_s']:6.1f} s; init {box.get('init_s', 0):4.1f} s, "
                  f"shutdown {box.get('shutdown_s', 0):4.1f} s, exports {box.get('export_s', 0):4.1f} s, "
-                 f"run {box['run_s'] / n:.3f} s/trial"
-                 + (f" (searcher {1000 * box['searcher_s'] / n:.0f} ms/trial, of which ask "
-                    f"{1000 * box['ask_s'] / n:.0f})" if "searcher_s" in box else ""))
+                 f"run {box['run_s'] / n:.3f} s/trial" + searcher_note(box, n))
         ratios.append((pair["ssam"]["wall_s"] - pair["ssam"].get("export_s", 0)) / pair["bare"]["wall_s"])
         run_ratios.append(pair["ssam"]["run_s"] / pair["bare"]["run_s"])
         emit(f"      pair {i + 1}: ssam-tune / bare = {ratios[-1]:.2f}x (wall without exports), "
@@ -543,8 +357,7 @@ def main() -> int:
             (tmp / "c").mkdir()
             overhead_part(args.overhead_trials or (30 if args.quick else 100), tmp / "c",
                           args.pairs or (1 if args.quick else 4))
-        emit(f"# whole benchmark: {time.perf_counter() - t0:.0f} s wall; 1-min load average at end "
-             f"{os.getloadavg()[0]:.1f}")
+        footer(t0)
     return 0
 
 

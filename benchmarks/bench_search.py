@@ -49,7 +49,6 @@ Usage (Ray's progress output goes to stderr):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import itertools
 import math
@@ -61,17 +60,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import _search_synthetic as syn
 from _common import header
+from _search_common import emit, footer, fresh_ray_env, quiet
 
 NAME = Path(__file__).stem
-HERE = Path(__file__).resolve().parent
-os.environ.pop("RAY_ADDRESS", None)  # always a fresh local Ray
+fresh_ray_env()  # a fresh local Ray for every run; workers import _search_synthetic by name
 
-import _search_synthetic as syn  # noqa: E402
-
-os.environ["PYTHONPATH"] = syn.worker_pythonpath(os.environ)  # Ray workers import _search_synthetic
-
-OUT = sys.stdout
 STRATEGIES = ("grid", "random", "tpe+asha", "tpe+mo_asha", "nsga2+mo_asha")
 COST_CEILING = 2.05  # x SGD: the reference point's cost
 RECALL_EPS = (0.05, 0.10)
@@ -81,29 +76,6 @@ BASELINES = ["sgd", "sam", "ssam"]
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
        20: 2.086, 25: 2.060, 30: 2.042}
-
-
-def emit(line: str = "") -> None:
-    print(line, file=OUT, flush=True)
-
-
-@contextlib.contextmanager
-def quiet_stdout():
-    """Send fd 1 (Ray Tune's tables, worker logs) to stderr; the report keeps the real stdout."""
-    global OUT
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    real = os.fdopen(os.dup(saved), "w")
-    OUT = real
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-        real.close()
-        OUT = sys.stdout
 
 
 # -------------------------------------------------------------------------------------------------
@@ -285,7 +257,7 @@ def run_one(strategy: str, seed: int, args, budget: int, truth: Truth, tmp: Path
                                                             args.num_samples, args.population))
     stopper = None if strategy == "grid" else epoch_budget_stopper(budget)
     t0 = time.perf_counter()
-    with quiet_stdout():
+    with quiet():
         out = run_search(space, storage=str(tmp / "ray"), resume=False, results=str(tmp / "results"),
                          trainable=syn.synthetic_trainable, stop=stopper)
     wall = time.perf_counter() - t0
@@ -483,8 +455,7 @@ def main() -> int:
     checks(results, budget, args.epochs)
     goals(results, grid_epochs)
     emit("")
-    emit(f"# whole benchmark: {time.perf_counter() - t_start:.0f} s wall; 1-min load average at end "
-         f"{os.getloadavg()[0]:.1f}")
+    footer(t_start)
     return 0
 
 

@@ -59,6 +59,20 @@ MOVED_NAMES = {
     "ssam_tune.train.build_model": "ssam_tune.training.models:build_model",
     "ssam_tune.experiment.atomic_write": "ssam_tune.storage.files:atomic_write",
     "ssam_tune.experiment.is_uri": "ssam_tune.storage.files:is_uri",
+    # the tune: section's value sets live with its one dataclass (tuning/space.py:TuneSettings)
+    "ssam_tune.config.OBJECTIVES": "ssam_tune.tuning.space:OBJECTIVES",
+    "ssam_tune.config.SAMPLERS": "ssam_tune.tuning.space:SAMPLERS",
+    "ssam_tune.config.BASELINES": "ssam_tune.tuning.space:BASELINES",
+    "ssam_tune.config.COST_METRICS": "ssam_tune.tuning.space:COST_METRICS",
+    "ssam_tune.config.SCHEDULERS": "ssam_tune.tuning.space:SCHEDULERS",
+    "ssam_tune.config.RETAIN": "ssam_tune.tuning.space:RETAIN",
+    # the Ray Tune experiment is built in tuning/tuner.py now: the trial-name functions are
+    # pickled in the tuner.pkl of experiments started through run_search (by reference; run
+    # as python -m, run.py was __main__ and pickled them by value); PENDING_TRIALS was in
+    # run.__all__
+    "ssam_tune.run._trial_name": "ssam_tune.tuning.tuner:trial_name",
+    "ssam_tune.run._trial_dirname": "ssam_tune.tuning.tuner:trial_dirname",
+    "ssam_tune.run.PENDING_TRIALS": "ssam_tune.tuning.tuner:PENDING_TRIALS",
 }
 
 

@@ -8,12 +8,15 @@ experiment goes to ``<storage>/<name>`` (default storage: ``results/ray``), the 
 ``results/<name>/``. ``--resume`` finishes an experiment whose driver was killed;
 ``--resume auto`` starts the experiment if it is absent and resumes it if present (an
 idempotent entrypoint for jobs that a cluster may restart).
+
+This module is the command line and the order of things (:func:`run_search`: run, settle the
+study, export, thin the checkpoints, confirm); the Ray Tune experiment itself (Ray, the
+Tuner, ``fit()``, the study settled) is :mod:`ssam_tune.tuning.tuner`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import sys
@@ -21,24 +24,11 @@ from pathlib import Path
 
 import yaml
 
-from ssam_tune.storage.experiment import JOURNAL_FILE, RESULTS, SPACE_FILE, TRIAL_PREFIX, Experiment, resolve_storage
+from ssam_tune.storage.experiment import RESULTS, SPACE_FILE, Experiment, resolve_storage
 from ssam_tune.training.config import ConfigError
-from ssam_tune.tuning.space import DRIVER_MEMORY, NAME_RE, SearchSpace, load_space, smoke, space_to_dict
+from ssam_tune.tuning.space import NAME_RE, SearchSpace, load_space, smoke, space_to_dict
 
-__all__ = ["PENDING_TRIALS", "main", "run_search", "space_to_dict"]
-
-# Trials Ray may hold pending (asked of the searcher, waiting for resources) when
-# tune.max_concurrent_trials is unset; TUNE_MAX_PENDING_TRIALS_PG overrides it.
-PENDING_TRIALS = 8
-
-
-def _trial_name(trial) -> str:
-    meta = trial.config.get("ssam_tune", {})
-    return f"{meta.get('label', 'trial').replace('/', '_')}_{trial.trial_id}"
-
-
-def _trial_dirname(trial) -> str:
-    return f"{TRIAL_PREFIX}{trial.trial_id}"
+__all__ = ["main", "run_search", "space_to_dict"]
 
 
 def describe(space: SearchSpace, full: bool = True) -> str:
@@ -88,24 +78,6 @@ def _local_resources() -> tuple[float, float]:
     return float(os.cpu_count() or 1), float(torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
 
-def _trial_resources(t) -> dict:
-    """What Tune reserves for one trial: its resources, or for a data-parallel trial only its
-    driver's DRIVER_MEMORY (the trial's Ray Train run reserves the workers when it starts)."""
-    return {"cpu": t.cpu, "gpu": t.gpu} if t.workers == 1 else {"cpu": 0, "memory": DRIVER_MEMORY}
-
-
-def _max_concurrent(t) -> int | None:
-    """tune.max_concurrent_trials; for data-parallel trials left unset, as many as the
-    cluster holds now (at least 1): the drivers hold almost nothing, so Ray would start
-    trials whose workers wait for resources."""
-    if t.max_concurrent_trials or t.workers == 1:
-        return t.max_concurrent_trials
-    import ray
-
-    total = ray.cluster_resources()
-    return max(1, t.trials_that_fit(total.get("CPU", 0.0), total.get("GPU", 0.0)))
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ssam_tune.run", description=__doc__.split("\n\n")[0])
     p.add_argument("space", help="search-space YAML (see README)")
@@ -150,45 +122,6 @@ def _storage(args, space: SearchSpace) -> str:
     return resolve_storage(args.storage or space.tune.storage_path or str(Path(args.results) / "ray"))
 
 
-def _init_ray(address: str | None, dashboard: bool = False) -> None:
-    """Connect to the cluster at ``address`` (or RAY_ADDRESS), or start a local Ray; with
-    ``dashboard`` (data-parallel trials) the local one runs its dashboard on loopback, and
-    either must answer Ray's state API, or the search is refused before any trial starts."""
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    # Trials keep the driver's working directory, so relative paths keep working.
-    runtime_env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        # A fresh local instance; its dashboard (and state API) only where needed, on loopback.
-        ray.init(address="local", include_dashboard=dashboard, runtime_env=runtime_env, log_to_driver=True)
-    if dashboard:
-        try:
-            _require_state_api()
-        except ConfigError:
-            ray.shutdown()
-            raise
-
-
-def _require_state_api() -> None:
-    """Ray Train frees the workers of a data-parallel trial that Tune stopped (early stopping)
-    only through Ray's state API: its placement-group cleaner polls it to see the trial's
-    run die. Without it, each stopped trial would hold its workers' CPUs and GPUs until the
-    search ends, and later trials would wait for ever."""
-    import ray
-    from ray.util.state import list_nodes
-
-    try:
-        list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, raise_on_missing_output=False)
-    except Exception as err:  # noqa: BLE001 - any failure means the same thing here
-        raise ConfigError("tune.resources.workers", "data-parallel trials need Ray's dashboard (its state API "
-                          f"frees the workers of stopped trials), which did not answer: {type(err).__name__}: "
-                          f"{err}. Install ray[default] and start the cluster with its dashboard, or set "
-                          "tune.resources.workers: 1") from None
-
-
 def confirmation_space(space: SearchSpace, runs: list[tuple[str, dict]]) -> SearchSpace:
     """The confirmation experiment: the chosen front points as cases, crossed with the
     confirmation seeds, every trial at full fidelity (no scheduler, no anchors)."""
@@ -229,136 +162,42 @@ def run_search(space: SearchSpace, *, storage: str, resume: bool, address: str |
 
 def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: str | None,
                     results: str, trainable=None, stop=None) -> Path:
-    """Run (or resume) one Ray Tune experiment, then write its exports.
-
-    ``trainable`` replaces the training function (load tests drive the machinery with a
-    trivial one); it receives the same config and must report the same metrics. ``stop`` is
-    Ray's ``RunConfig(stop=...)`` (benchmarks cap the epochs a search may spend; note that Ray
-    hands a function trainable's last result to a stopper twice)."""
-    from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
-    from ssam_tune.export import export_experiment
+    """One experiment, start to finish: run (or resume) it on Ray Tune, settle its Optuna
+    study, write its exports, then thin its checkpoints (``tune.retain_checkpoints``).
+    ``trainable`` and ``stop``: :func:`ssam_tune.tuning.tuner.run_experiment`."""
+    from ssam_tune.export import export_experiment, load_trials
     from ssam_tune.export.live import LiveTensorBoard, ray_tensorboard_off
-    from ssam_tune.tuning.progress import Progress
-    from ssam_tune.tuning.retention import PruneCheckpoints, RestoreFromNewest
-    from ssam_tune.tuning.schedulers import RungStateCallback, make_scheduler
-    from ssam_tune.tuning.search import SsamSearcher
-    from ssam_tune.tuning.trainable import train_trial
+    from ssam_tune.tuning.tuner import run_experiment, settle_study
 
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    # A result without val_acc (e.g. an early divergence) must not abort the experiment;
-    # the searcher and ASHA handle missing values themselves.
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    # Ray warns when checkpoints force frequent experiment snapshots: that is by design here
-    # (every epoch is checkpointed and CheckpointConfig.num_to_keep bounds the disk).
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    exp = Experiment.at(storage, space.name)
     out = Path(results) / space.name
-    exp.make()
-    if not exp.exists(SPACE_FILE):
-        exp.write_text(SPACE_FILE, yaml.safe_dump(space_to_dict(space), sort_keys=False))
-    _init_ray(address, dashboard=space.tune.workers > 1)
-    try:
-        t = space.tune
-        trainable = tune.with_resources(trainable or train_trial, _trial_resources(t))
-        concurrent = _max_concurrent(t)
-        if resume:
-            tuner = tune.Tuner.restore(exp.root, trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            scheduler = make_scheduler(space, exp)
-            searcher = SsamSearcher(space, exp)
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    # -1: the searcher ends the search (Ray's count of the trials it made would
-                    # stop short after a resumed searcher asks again for trials Ray lost)
-                    search_alg=searcher, scheduler=scheduler, num_samples=-1,
-                    max_concurrent_trials=concurrent, time_budget_s=t.time_budget_s,
-                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname,
-                    # a stopped data-parallel trial's process must end, taking its Train run with it
-                    reuse_actors=t.workers == 1),
-                run_config=tune.RunConfig(
-                    name=space.name, storage_path=storage, stop=stop,
-                    # Ray's default loggers are off while fit() runs (ray_tensorboard_off): its JSON
-                    # and CSV ones are passed here, LiveTensorBoard writes results/<name>/tensorboard/
-                    callbacks=[RungStateCallback(scheduler), Progress(space.epochs, t.flops_metric),
-                               JsonLoggerCallback(), CSVLoggerCallback(), LiveTensorBoard(space, out / "tensorboard"),
-                               RestoreFromNewest(),
-                               *([PruneCheckpoints(exp, space.epochs)] if t.retain_checkpoints == "front" else [])],
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-                    # verbose 0: Progress prints a line per result instead of Ray's tables
-                    failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=0),
-            )
-        # Ray keeps ONE pending trial for a searcher that limits concurrency itself (as this one
-        # does), so an autoscaler would add GPU nodes one at a time: let it see the demand.
-        pending = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG") or str(concurrent or PENDING_TRIALS)
-        with ray_tensorboard_off(exp, resume), _env("TUNE_MAX_PENDING_TRIALS_PG", pending):
-            tuner.fit()
-    finally:
-        import ray
-
-        ray.shutdown()
-    rows = _settle_study(space, exp) if space.mode == "search" else None
+    exp = Experiment.at(storage, space.name)
+    # the results layer while the search runs: Ray's default loggers off (its JSON and CSV
+    # ones are passed by the tuner), LiveTensorBoard writes results/<name>/tensorboard/
+    run_experiment(space, storage=storage, resume=resume, address=address, trainable=trainable, stop=stop,
+                   callbacks=[LiveTensorBoard(space, out / "tensorboard")],
+                   fit_context=ray_tensorboard_off(exp, resume))
+    t = space.tune
+    # the trials as the exports read them: what the study is told, which checkpoints stay
+    rows = load_trials(exp.root, t.flops_metric) if space.mode == "search" or t.retain_checkpoints == "front" \
+        else None
+    if space.mode == "search":
+        settle_study(space, exp, rows)
     info = export_experiment(exp.root, out)
-    if space.tune.retain_checkpoints == "front":
-        from ssam_tune.export import load_trials
-        from ssam_tune.tuning.retention import prune_after_export
-
-        # errored trials keep theirs (--resume re-runs them from it); every case is a result
-        rows = rows if rows is not None else load_trials(exp.root, space.tune.flops_metric)
-        done = [r["trial_id"] for r in rows if r["status"] != "errored"]
-        keep = {*info["front"], info["best_trial"]} if space.mode == "search" else set(done)
-        prune_after_export(exp, done, keep)
+    if t.retain_checkpoints == "front":
+        _retain(space, exp, rows, info)
     print(info["console"], flush=True)
     return out
 
 
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    """``os.environ[name] = value`` while the block runs (a confirmation experiment run by the
-    same process starts from the user's environment again)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+def _retain(space: SearchSpace, exp: Experiment, rows: list[dict], info: dict) -> None:
+    """``tune.retain_checkpoints: front``: once exported, only the front's trials and the best
+    (a search), or every completed case, keep their checkpoints; errored trials keep theirs
+    (``--resume`` re-runs them from it)."""
+    from ssam_tune.tuning.retention import prune_after_export
 
-
-def _settle_study(space: SearchSpace, exp: Experiment) -> list[dict]:
-    """After ``fit()`` every trial has finished, but Ray does not tell the searcher about the
-    trials a stopper or the time budget ended: settle them from their results. For a URI
-    experiment the study is the ``optuna.journal`` Ray uploaded with its final state (the
-    searcher wrote it there): settled in a local copy, then uploaded again. Returns the
-    trials' rows as the exports read them."""
-    import tempfile
-
-    from ssam_tune.export import load_trials
-    from ssam_tune.tuning.study import objective_values, open_study, settle
-
-    t = space.tune
-    with tempfile.TemporaryDirectory() as tmp:
-        if exp.is_local:
-            journal = Path(exp.journal_path())
-        else:
-            data = exp.read_bytes(JOURNAL_FILE)
-            journal = Path(tmp) / JOURNAL_FILE if data is not None else Path(exp.journal_path())  # older runs
-            if data is not None:
-                journal.write_bytes(data)
-        rows = load_trials(exp.root, t.flops_metric)
-        if not journal.is_file():
-            return rows
-        outcomes = {row["trial_id"]: (row["status"], row["epochs_reached"],
-                                      objective_values(t.objective, row, t.flops_metric))
-                    for row in rows}
-        told = settle(open_study(str(journal), space.name, t.objective, t.flops_metric), outcomes)
-        if told and not exp.is_local and journal.parent == Path(tmp):
-            exp.write_bytes(JOURNAL_FILE, journal.read_bytes())
-    return rows
+    done = [r["trial_id"] for r in rows if r["status"] != "errored"]
+    keep = {*info["front"], info["best_trial"]} if space.mode == "search" else set(done)
+    prune_after_export(exp, done, keep)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,6 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     print(describe(space, full=False))
     run_search(space, storage=storage, resume=resume, address=args.address, results=args.results)
     return 0
+
+
+def __getattr__(name: str):
+    # the trial-name functions (pickled in the tuner.pkl of experiments started by
+    # run_search before ssam_tune/tuning/tuner.py) and Ray's start moved to the tuning layer
+    from ssam_tune._compat import moved_name
+
+    return moved_name(__name__, name)
 
 
 if __name__ == "__main__":

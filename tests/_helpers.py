@@ -45,8 +45,8 @@ def steps_per_epoch(train_size: int, batch_size: int) -> int:
 # -- what a finished (or running) experiment wrote ----------------------------------------------
 def write_ray_state(folder: Path, statuses: dict[str, str], stamp: str = "2026-12-01_00-00-00") -> Path:
     """Ray's ``experiment_state-<stamp>.json`` in ``folder``, holding the trials ``statuses``
-    (trial id -> RUNNING, TERMINATED, ...) in Ray 2.60's layout (tests/_synthetic_ray.py)."""
-    from _synthetic_ray import _state_entry
+    (trial id -> RUNNING, TERMINATED, ...) in Ray 2.60's layout (benchmarks/_search_experiment.py)."""
+    from _search_experiment import _state_entry
 
     rng = random.Random(0)
     entries = [_state_entry(rng, tid, {"ssam_tune": {"trial_id": tid, "label": tid}},

@@ -27,7 +27,6 @@ from ssam_tune.method.masks import random_mask, tensor_random_mask
 from ssam_tune.training.distributed import (
     all_reduce_sums,
     average_gradients,
-    evaluate_distributed,
     fisher_scores_distributed,
     masks_identical,
     shard,
@@ -220,13 +219,39 @@ def _train_all(rank: int, world: int) -> dict:
     return {case: _train_worker(rank, world, case) for case in CASES}
 
 
+# eval_batch_size 1: every sample's float32 loss comes from the same kernels on the same shapes
+# in every process, so the shares' float64 sums add up to the whole split's, to round-off
+EVAL_CONFIG = {"seed": 3, "model": {"name": "resnet18", "width": 0.0625},
+               "data": {"name": "embedded", "train_size": 64, "val_fraction": 0.1},
+               "train": {"epochs": 1, "batch_size": 64, "eval_batch_size": 1, "device": "cpu"},
+               "method": {"name": "sgd"}}
+
+
 def _eval_worker(rank: int, world: int) -> dict:
-    gen = torch.Generator().manual_seed(21)
-    x, y = batch(11, gen)  # 6 + 5 samples: evaluation sums need no even split
-    xs, ys = shard(x, y, rank, world, even=False)
-    model = mlp().train()
-    loss, acc = evaluate_distributed(model, xs, ys, batch_size=4)
-    return {"loss": loss, "acc": acc, "n": xs.shape[0], "still_training": model.training}
+    """The package's gathered evaluation: a Trainer inside the process group holds its rank's
+    share of the validation split and ``Trainer.evaluate`` adds the sums over the ranks. On one
+    worker, also the definition computed apart: the mean cross-entropy and the accuracy."""
+    import dataclasses
+
+    from ssam_tune.training.batches import iterate_batches
+    from ssam_tune.training.config import config_from_dict
+    from ssam_tune.training.trainer import Trainer, load_data
+
+    cfg = config_from_dict(EVAL_CONFIG)
+    data = load_data(cfg)
+    data = dataclasses.replace(data, val=data.val.subset(torch.arange(11)))  # 6 + 5: sums need no even split
+    trainer = Trainer(cfg, data=data, device="cpu")
+    assert (trainer.rank, trainer.world) == (rank, world)
+    loss, acc = trainer.evaluate(trainer.val_split)
+    out = {"loss": loss, "acc": acc, "n": len(trainer.val_split)}
+    if world == 1:
+        model = trainer.model.eval()
+        x, y = next(iter(iterate_batches(trainer.val_split, len(trainer.val_split))))
+        with torch.no_grad():
+            logits = [model(x[i:i + 1]).float() for i in range(len(y))]
+        out["direct_loss"] = sum(F.cross_entropy(z, y[i:i + 1]).item() for i, z in enumerate(logits)) / len(y)
+        out["direct_acc"] = sum(int(z.argmax(1).item() == y[i].item()) for i, z in enumerate(logits)) / len(y)
+    return out
 
 
 def _fail_worker(rank: int, world: int) -> dict:
@@ -333,15 +358,14 @@ def test_two_workers_equal_one_worker(tmp_path):
 
 
 def test_gathered_evaluation_equals_one_worker(tmp_path):
-    ranks = run_ranks(_eval_worker, tmp_path)
-    x, y = batch(11, torch.Generator().manual_seed(21))
-    model = mlp().eval()
-    with torch.no_grad():
-        logits = model(x)
-    loss, acc = F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).double().mean().item()
-    assert [r["n"] for r in ranks] == [6, 5]
+    """Trainer.evaluate on 2 ranks (each its share of the split, sums gathered) returns, on
+    every rank, the whole split's figures: those of 1 worker, and the definition's."""
+    ranks = run_ranks(_eval_worker, tmp_path / "two")
+    (one,) = run_ranks(_eval_worker, tmp_path / "one", world=1)
+    assert one["n"] == 11 and [r["n"] for r in ranks] == [6, 5]
+    assert abs(one["loss"] - one["direct_loss"]) <= 1e-12 and one["acc"] == one["direct_acc"]
     for r in ranks:
-        assert abs(r["loss"] - loss) <= 1e-12 and r["acc"] == acc and r["still_training"]
+        assert abs(r["loss"] - one["loss"]) <= 1e-12 and r["acc"] == one["acc"]
 
 
 def test_failing_rank_fails_fast(tmp_path):

@@ -1,4 +1,4 @@
-"""Scale: the export of a generated N-trial experiment (Ray's layout, tests/_synthetic_ray.py)
+"""Scale: the export of a generated N-trial experiment (Ray's layout, benchmarks/_search_experiment.py)
 is correct, the streaming readers agree with plain ones, and MO-ASHA's fast rung rule is the
 reference rule. No timing here: benchmarks/bench_scale.py measures the 2,000-trial case."""
 
@@ -8,7 +8,7 @@ import math
 import random
 
 import pytest
-from _synthetic_ray import write_experiment
+from _search_experiment import write_experiment
 
 from ssam_tune.export import export_experiment, load_trials
 from ssam_tune.export.read import RAY_KEYS, _parsed_trial_ids, _state_trial_ids

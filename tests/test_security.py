@@ -55,9 +55,9 @@ def test_experiment_name_cannot_escape_results(name, tmp_path):
 def test_local_ray_runs_without_dashboard():
     import ray
 
-    from ssam_tune.run import _init_ray
+    from ssam_tune.tuning.tuner import init_ray
 
-    _init_ray(None)
+    init_ray(None)
     try:
         node = ray._private.worker.global_worker.node
         assert not node.address_info.get("webui_url")  # dashboard not started

@@ -248,14 +248,14 @@ def test_a_space_stored_by_an_older_version_still_loads(tmp_path):
 
 
 def test_experiments_of_older_versions_resume(tmp_path):
-    """tuner.pkl of an older version names ssam_tune.tuning.search.AnchoredASHA / RungStateCallback,
+    """tuner.pkl of an older version names ssam_tune.search.AnchoredASHA / RungStateCallback,
     and its searcher's settings lack population_size."""
     import pickle
 
     from ssam_tune.tuning import schedulers
 
     for name in ("AnchoredASHA", "RungStateCallback"):
-        assert pickle.loads(f"cssam_tune.tuning.search\n{name}\n.".encode()) is getattr(schedulers, name)  # noqa: S301
+        assert pickle.loads(f"cssam_tune.search\n{name}\n.".encode()) is getattr(schedulers, name)  # noqa: S301
     space = make_space(tmp_path, sampler="nsga2")
     old = SsamSearcher(space, Experiment(str(tmp_path)))
     del old.space.tune.population_size

@@ -38,7 +38,7 @@ from ssam_tune.export.tensorboard import (
     trial_status,
     write_events,
 )
-from ssam_tune.storage.experiment import TUNER_FILE, Experiment
+from ssam_tune.storage.experiment import META, TUNER_FILE, Experiment
 
 __all__ = ["LiveTensorBoard", "ray_tensorboard_off"]
 
@@ -94,7 +94,7 @@ class LiveTensorBoard(Callback):
 
     def _end(self, trial, failed: bool) -> None:
         last = trial.last_result or {}
-        meta, config = trial.config.get("ssam_tune", {}), trial.config.get("config", {})
+        meta, config = trial.config.get(META, {}), trial.config.get("config", {})
         label = meta.get("label") or last.get("label") or ""
         status = trial_status(last, meta.get("epochs") or config.get("train", {}).get("epochs"), failed)
         cost = finite_number(last.get(self.cost_metric))
@@ -118,7 +118,7 @@ class LiveTensorBoard(Callback):
         """The trial's event file of this driver, started with the trial's first result here."""
         if trial.trial_id not in self._files:
             t0 = int(finite_number(result.get("timestamp")) or time.time())
-            label = trial.config.get("ssam_tune", {}).get("label") or result.get("label") or ""
+            label = trial.config.get(META, {}).get("label") or result.get("label") or ""
             run = Path(self.dest) / run_name(label, trial.trial_id)
             if run.is_dir():  # the trial ran under an earlier driver: it gets a new session
                 try:

@@ -22,11 +22,14 @@ from typing import Any
 from ssam_tune.storage.experiment import (
     CHECKPOINTS_DIR,
     JOURNAL_FILE,
+    META,
     SPACE_FILE,
     STATE_PREFIX,
     TRIAL_PREFIX,
     Experiment,
+    full_fidelity,
 )
+from ssam_tune.training.config import flatten
 
 STATUSES = ("completed", "pruned", "diverged", "errored", "pending")
 BASELINE_ORDER = ("sgd", "sam", "ssam")
@@ -56,14 +59,9 @@ def read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _read_results(path: Path) -> list[dict]:
-    """The JSON lines of a ``result.json`` in file order (a line cut short by a crash is
-    skipped), each without its ``config``."""
-    return list(_result_lines(path))
-
-
 def _result_lines(path: Path) -> Iterator[dict]:
-    """:func:`_read_results` one line at a time.
+    """The JSON lines of a ``result.json`` in file order (a line cut short by a crash is
+    skipped), each without its ``config``, one at a time.
 
     Ray repeats the whole trial config in every line (about half of a line's text; the
     config is read from ``params.json``). The first line's ``"config": {...}`` text, as
@@ -117,21 +115,12 @@ def finite_number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _per_epoch(rows: list[dict]) -> list[dict]:
-    """One row per epoch >= 1, the newest report winning (a resumed trial repeats epochs)."""
-    by_epoch: dict[int, dict] = {}
-    for row in rows:
-        epoch = row.get("epoch")
-        if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1:
-            by_epoch[epoch] = row
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
 def _scan_results(path: Path) -> tuple[dict | None, list[dict], str | None, str | None]:
     """One pass over a ``result.json``: (the newest report, config dropped, or None without
-    one; the per-epoch ``_series`` of :func:`_per_epoch`, each entry trimmed by
-    :func:`_series_entry`; the first and the last ``date``). Only one full report is held at
-    a time: a 2,000-trial search has ~180,000 report lines."""
+    one; the per-epoch ``_series``: one entry per epoch >= 1, the newest report winning (a
+    resumed trial repeats epochs), each trimmed by :func:`_series_entry`; the first and the
+    last ``date``). Only one full report is held at a time: a 2,000-trial search has
+    ~180,000 report lines."""
     last = None
     by_epoch: dict[int, dict] = {}
     first_date = last_date = None
@@ -173,17 +162,6 @@ def _failures(text: str) -> int:
     return len(re.findall(r"(?m)^Failure # \d+", text))
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    """Nested dict to dotted keys: ``{"method": {"rho": 0.1}}`` -> ``{"method.rho": 0.1}``."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _canonical(config: dict) -> dict:
     """The training config in the schema's key order (Ray stores params.json sorted), or as
     found when it does not validate against this checkout's schema."""
@@ -197,12 +175,12 @@ def _canonical(config: dict) -> dict:
 
 
 def _trial_status(rows: list[dict], epochs: int | None, has_error: bool) -> str:
-    """completed (last report completed at the last epoch; wins over an error file of a retried
-    trial), diverged, errored (error file), pruned (results, stopped early), pending (nothing)."""
+    """completed (last report at full fidelity: :func:`~ssam_tune.storage.experiment.full_fidelity`;
+    wins over an error file of a retried trial), diverged, errored (error file), pruned
+    (results, stopped early), pending (nothing)."""
     if rows:
         last = rows[-1]
-        epoch = last.get("epoch") if isinstance(last.get("epoch"), int) else 0
-        if last.get("status") == "completed" and (epochs is None or epoch >= epochs):
+        if full_fidelity(last, epochs):
             return "completed"
         if last.get("status") == "diverged":
             return "diverged"
@@ -268,7 +246,7 @@ def _trial_dirs(exp: Path) -> list[Path]:
         is_trial = p.name.startswith(TRIAL_PREFIX) or (p / "params.json").is_file()
         if p.is_dir() and p.name != CHECKPOINTS_DIR and is_trial:
             if known is not None and p.name.removeprefix(TRIAL_PREFIX) not in known:
-                tid = read_json(p / "params.json").get("ssam_tune", {}).get("trial_id")
+                tid = read_json(p / "params.json").get(META, {}).get("trial_id")
                 if tid not in known:
                     continue
             out.append(p)
@@ -278,7 +256,7 @@ def _trial_dirs(exp: Path) -> list[Path]:
 def _read_trial(path: Path) -> dict:
     """One row for one trial folder (see :func:`load_trials`), plus private ``_series``/``_config``."""
     params = read_json(path / "params.json")
-    meta = params.get("ssam_tune", {}) if isinstance(params.get("ssam_tune"), dict) else {}
+    meta = params.get(META, {}) if isinstance(params.get(META), dict) else {}
     config = _canonical(params.get("config") if isinstance(params.get("config"), dict) else {})
     last, series, date_first, date_last = _scan_results(path / "result.json")
     error_text = None
@@ -328,7 +306,7 @@ def _read_trial(path: Path) -> dict:
     row["date_first"] = date_first
     row["date_last"] = date_last
     row["hostname"] = last.get("hostname")
-    for key, value in _flatten(config).items():
+    for key, value in flatten(config).items():
         row[f"{key}"] = value
     row["_series"] = series
     row["_config"] = config

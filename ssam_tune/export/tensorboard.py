@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from ssam_tune.export.front import hp_values
-from ssam_tune.export.read import RAY_KEYS, STATUSES, _flatten, _trial_status, finite_number, sgd_cost_of
+from ssam_tune.export.read import RAY_KEYS, STATUSES, _trial_status, finite_number, sgd_cost_of
 from ssam_tune.export.write import safe_name
 from ssam_tune.storage.files import atomic_write, new_dir, swap_dir
+from ssam_tune.training.config import flatten
 
 NOT_APPLICABLE_NUMBER, NOT_APPLICABLE_TEXT = 0, "n/a"
 KINDS = ("baseline", "search", "case")
@@ -144,7 +145,7 @@ def _is_number(key: str) -> bool:
 def trial_hparams(config: Mapping, label: str, kind: str, status: str, keys: list[str]) -> dict:
     """The HParams of a trial (``config``: its nested training config): method.name, every key
     in ``keys`` (a sentinel where it does not apply to the method), label, status, kind."""
-    flat = _flatten(dict(config))
+    flat = flatten(dict(config))
     hp: dict[str, Any] = {"method.name": str(flat.get("method.name"))}
     for k, v in hp_values(flat, keys).items():
         if v is None:

@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as nnF
 from torch.utils.flop_counter import FlopCounterMode
 
+from ssam_tune.method import methods
 from ssam_tune.method.fisher import local_batchnorm_
-from ssam_tune.method.methods import method as method_row
+from ssam_tune.method.masks import check_sparsity
 
 __all__ = [
     "KINDS",
@@ -170,16 +171,6 @@ def backward_flops_per_tensor(model: torch.nn.Module, input_shape, *, batch_size
                                       frozen=[m for m in names if m != n])[1] for n in names}
 
 
-def _check_method(method):
-    """The method's row of :data:`ssam_tune.method.methods.METHODS` (ValueError if unknown)."""
-    return method_row(method)
-
-
-def _check_sparsity(sparsity) -> None:
-    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got sparsity={sparsity!r}")
-
-
 def _check_positive(name: str, value) -> None:
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {name}={value!r}")
@@ -200,13 +191,13 @@ def step_cost(method: str, *, sparsity: float = 0.0, F: float | None = None,
     :func:`forward_backward_flops`) are needed only for theoretical SSAM. ``sparsity`` must
     be in [0, 1); it is ignored by sgd and sam.
     """
-    row = _check_method(method)
-    _check_sparsity(sparsity)
+    method_row = methods.method(method)  # ValueError if unknown
+    check_sparsity(sparsity)
     if kind not in KINDS:
         raise ValueError(f"unknown kind={kind!r}; choices: {list(KINDS)}")
-    if row.cost == "one_pass":
+    if method_row.cost == "one_pass":
         return 1.0
-    if row.cost == "two_passes" or kind == "executed":
+    if method_row.cost == "two_passes" or kind == "executed":
         return 2.0
     _check_positive("F", F)
     if not isinstance(B, (int, float)) or not math.isfinite(B) or B < 0:
@@ -275,8 +266,8 @@ class FlopsModel:
         """FLOPs per sample of one step as its passes run: F + B for SGD; (F + B_1) + (F + B)
         for a perturbing method, B_1 being the measured backward of the pass at w (None: the
         full B, as with element masks)."""
-        row = _check_method(method)
-        if not row.perturbs:
+        method_row = methods.method(method)
+        if not method_row.perturbs:
             return self.F + self.B
         b1 = self.B if first_backward is None else first_backward
         return 2.0 * self.F + b1 + self.B
@@ -289,7 +280,7 @@ class FlopsModel:
                           fisher_samples: int = 0) -> float:
         """FLOPs of ONE mask update, by the method's mask kind: Fisher (N_F per-sample passes),
         O(d) for dynamic and random masks, 0 for dense methods."""
-        kind = _check_method(method).mask
+        kind = methods.method(method).mask
         if kind == "fisher":
             return fisher_mask_flops(fisher_samples, self.F, self.B)
         if kind == "dynamic":
@@ -314,12 +305,12 @@ class FlopsModel:
           does not count;
         * ``"theoretical_total"`` / ``"executed_total"`` -- the step FLOPs plus ``"mask"``.
         """
-        row = _check_method(method)
+        method_row = methods.method(method)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise ValueError(f"steps must be a non-negative int, got steps={steps!r}")
         if not isinstance(mask_updates, int) or isinstance(mask_updates, bool) or mask_updates < 0:
             raise ValueError(f"mask_updates must be a non-negative int, got mask_updates={mask_updates!r}")
-        if mask_updates and not row.sparse:
+        if mask_updates and not method_row.sparse:
             raise ValueError(f"mask_updates must be 0 for method={method!r}, got mask_updates={mask_updates!r}")
         if images is None:
             images = steps * self.batch_size

@@ -31,7 +31,7 @@ from ssam_tune.method.fisher import BN_MODES, fisher_scores
 
 __all__ = [
     "BN_MODES", "DROP_STRATEGIES", "GRANULARITIES", "NORM_LAYERS", "TENSOR_SCORES", "MaskSchedule",
-    "dynamic_mask_update", "f_decay", "fisher_scores", "mask_stats", "norm_mask", "num_perturbed",
+    "check_sparsity", "dynamic_mask_update", "f_decay", "fisher_scores", "mask_stats", "norm_mask", "num_perturbed",
     "random_mask", "tensor_dynamic_update", "tensor_random_mask", "tensor_topk_mask", "topk_mask",
 ]
 
@@ -46,7 +46,9 @@ NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.n
 SCHEDULE_UNITS = ("epoch", "step")
 
 
-def _check_sparsity(sparsity: float) -> float:
+def check_sparsity(sparsity: float) -> float:
+    """``sparsity`` (the fraction of weights NOT perturbed) as a float in [0, 1); ValueError
+    otherwise. The one check for the masks, the optimizers and the FLOPs counts."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got sparsity={sparsity!r}")
     return float(sparsity)
@@ -58,7 +60,7 @@ def num_perturbed(d: int, sparsity: float) -> int:
     Rounded to 9 decimals before the floor, so that binary round-off such as
     (1 - 0.9) * 100 = 9.999999999999998 still gives 10.
     """
-    return int(math.floor(round((1.0 - _check_sparsity(sparsity)) * d, 9)))
+    return int(math.floor(round((1.0 - check_sparsity(sparsity)) * d, 9)))
 
 
 def _flat(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:

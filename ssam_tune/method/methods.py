@@ -72,9 +72,9 @@ METHODS: dict[str, Method] = {
     # them (||e|| = rho); the sparsity is the model's, not a key.
     "sam_on": Method("sam_on", "SAM-ON", _SAM_KEYS, "sparse_first_backward", "norm"),
 }
-SPARSE_METHODS = tuple(name for name, m in METHODS.items() if m.sparse)
+SPARSE_METHODS = tuple(name for name, method_row in METHODS.items() if method_row.sparse)
 # Every method.* key that some method uses; "name" is the one every method has.
-_ANY_KEYS = frozenset(k for m in METHODS.values() for k in m.keys)
+_ANY_KEYS = frozenset(k for method_row in METHODS.values() for k in method_row.keys)
 
 
 def method(name: str) -> Method:
@@ -94,5 +94,5 @@ def applies(key: str, name: str) -> bool:
     short = key.removeprefix("method.")
     if short not in _ANY_KEYS:
         return True  # not a per-method key
-    row = METHODS.get(name)
-    return True if row is None else short in row.keys  # an unknown (e.g. renamed) method: show all
+    method_row = METHODS.get(name)
+    return True if method_row is None else short in method_row.keys  # an unknown (e.g. renamed) method: show all

@@ -33,12 +33,6 @@ def _check_rho(rho: float) -> float:
     return float(rho)
 
 
-def _check_sparsity(sparsity: float) -> float:
-    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got sparsity={sparsity!r}")
-    return float(sparsity)
-
-
 class SAM(torch.optim.Optimizer):
     """Sharpness-Aware Minimization around any base optimizer.
 
@@ -252,9 +246,9 @@ class SSAM(SAM):
         eps: float = 1e-7,
         **base_kwargs,
     ) -> None:
-        from ssam_tune.method.masks import GRANULARITIES, TENSOR_SCORES
+        from ssam_tune.method.masks import GRANULARITIES, TENSOR_SCORES, check_sparsity
 
-        self.sparsity = _check_sparsity(sparsity)
+        self.sparsity = check_sparsity(sparsity)
         if normalize not in NORMALIZE_MODES:
             raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got normalize={normalize!r}")
         if granularity not in GRANULARITIES:

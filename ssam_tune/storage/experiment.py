@@ -10,6 +10,8 @@ An experiment lives at ``<storage>/<name>``, where storage is a local folder (de
     asha_rungs.json           a readable copy of ASHA's rungs
     tuner.pkl, experiment_state-*.json, trial_<id>/...   Ray Tune's own files
     trial_<id>/checkpoint_*/  Ray's checkpoints of a trial (its last tune.keep_checkpoints)
+    trial_<id>/params.json    the trial's config: {META: bookkeeping, "config": training config}
+    trial_<id>/result.json    its reports, one per epoch (:func:`full_fidelity` reads the last)
     checkpoints/<trial id>/   the trial's own newest checkpoint while it runs (local storage)
 
 Every other module asks this one (or :func:`ssam_tune.storage.files.is_uri`) whether a path
@@ -19,6 +21,7 @@ is a URI. Local files are written atomically (:mod:`ssam_tune.storage.files`).
 from __future__ import annotations
 
 import hashlib
+import numbers
 import re
 import shutil
 from dataclasses import dataclass
@@ -26,8 +29,8 @@ from pathlib import Path
 
 from ssam_tune.storage.files import atomic_write, is_uri
 
-__all__ = ["CHECKPOINTS_DIR", "JOURNAL_FILE", "RESULTS", "RUNGS_FILE", "SPACE_FILE", "TUNER_FILE",
-           "Experiment", "resolve_storage"]
+__all__ = ["CHECKPOINTS_DIR", "JOURNAL_FILE", "META", "RESULTS", "RUNGS_FILE", "SPACE_FILE", "TUNER_FILE",
+           "Experiment", "full_fidelity", "resolve_storage"]
 
 RESULTS = Path("results")  # exports go to results/<name>, local Ray storage to results/ray
 SPACE_FILE = "space.yaml"
@@ -45,6 +48,26 @@ _STATE_KEY = re.compile(r'\\n  \\"(trial_id|status)\\": \\"([^"\\]+)\\"')
 _STATE_CHUNK = 1 << 22  # bytes of a state file read at a time
 # Where the Optuna journal of a URI experiment lives: a journal needs a POSIX file lock.
 JOURNAL_CACHE = Path("~/.cache/ssam_tune/optuna")
+# The key of a trial's config (Ray's trial.config, its params.json) that holds the search's
+# bookkeeping (label, kind, anchor, optuna_number, ...); the training config is under "config".
+# Here, in the lowest layer, so that the searcher, the console, the live TensorBoard and the
+# exports (which must not import the Ray searcher) name it from one place.
+META = "ssam_tune"
+
+
+def full_fidelity(result: dict | None, epochs: int | None) -> bool:
+    """Whether a trial's last report (a Ray result, or the last line of its ``result.json``)
+    is a completed run of all its ``epochs`` (None: not known, any completed run counts).
+
+    The one rule of what counts as full fidelity: the only trials the study holds as
+    COMPLETE, that keep a checkpoint, and that a front is built from. An epoch that is not a
+    number (a truncated or foreign report) counts as 0."""
+    result = result or {}
+    if result.get("status") != "completed":
+        return False
+    epoch = result.get("epoch")
+    reached = epoch if isinstance(epoch, numbers.Real) and not isinstance(epoch, bool) else 0
+    return epochs is None or reached >= epochs
 
 
 def resolve_storage(storage: str) -> str:

@@ -10,6 +10,7 @@ with a cosine schedule, weight decay 1e-3 for SAM/SSAM, cutout, rho 0.1 (CIFAR-1
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -23,9 +24,8 @@ import yaml
 
 from ssam_tune.method.methods import METHODS
 
-__all__ = ["Config", "ConfigError", "ConfirmConfig", "DataConfig", "MethodConfig", "ModelConfig",
-           "ResourcesConfig", "SchedulerConfig", "TrainConfig", "TuneConfig", "build_section",
-           "config_from_dict", "config_to_dict", "load_config", "load_yaml", "set_by_path"]
+__all__ = ["Config", "ConfigError", "DataConfig", "MethodConfig", "ModelConfig", "TrainConfig", "build_section",
+           "config_from_dict", "config_to_dict", "flatten", "load_config", "load_yaml", "rule", "set_by_path"]
 
 MODEL_NAMES = ("resnet18", "wrn28_10", "vgg11_bn", "resnet50")
 DATASET_NAMES = ("embedded", "cifar10", "cifar100", "imagefolder")
@@ -40,15 +40,25 @@ class ConfigError(ValueError):
         super().__init__(f"{where}{path}: {rule}" if path else f"{where}{rule}")
 
 
-def _rule(lo=None, hi=None, lo_open=False, hi_open=False, choices=None, help=None):
-    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices, "help": help}
+def rule(lo=None, hi=None, lo_open=False, hi_open=False, choices=None, help=None, yaml_key=None,
+         given=dataclasses.MISSING) -> dict:
+    """A field's validation rule, kept in its metadata, which :func:`build_section` checks.
+
+    ``yaml_key`` places a field of a flat dataclass inside a mapping of the YAML
+    (``"resources.cpu"``: the field is read from ``resources: {cpu: ...}``); ``given`` is its
+    default when that mapping is given without it (else the field's own default applies)."""
+    out = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices, "help": help,
+           "yaml_key": yaml_key}
+    if given is not dataclasses.MISSING:
+        out["given"] = given
+    return out
 
 
-def _f(default, **rule):
-    """A dataclass field with a validation rule in its metadata."""
+def _f(default, **kw):
+    """A dataclass field with a validation rule (:func:`rule`) in its metadata."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=_rule(**rule))
-    return field(default=default, metadata=_rule(**rule))
+        return field(default_factory=lambda: type(default)(default), metadata=rule(**kw))
+    return field(default=default, metadata=rule(**kw))
 
 
 @dataclass
@@ -138,66 +148,6 @@ class Config:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "method": MethodConfig}
 
 
-# -- the tune: section of a search space (its own rules: space.py adds the cross-key ones) ----
-OBJECTIVES = ("single", "multi")
-SAMPLERS = ("tpe", "nsga2", "random")
-BASELINES = ("sgd", "sam", "ssam")
-# tune.flops -> the per-epoch metric that is the search's cost axis.
-COST_METRICS = {"theoretical": "flops_theoretical", "executed": "flops_executed", "wall": "train_seconds"}
-
-
-# auto: mo_asha under objective multi (non-dominated ranking keeps the cheap end of the
-# front), asha (Ray's, on validation accuracy) under objective single.
-SCHEDULERS = ("auto", "mo_asha", "asha", "none")
-# Checkpoints of finished trials: "front" keeps those of the Pareto front and the best trial
-# (deleted as soon as a trial is pruned or diverges, the rest after the export); "all" keeps
-# every trial's last keep_checkpoints.
-RETAIN = ("front", "all")
-
-
-@dataclass
-class SchedulerConfig:
-    type: str = _f("auto", choices=SCHEDULERS)
-    grace_period: int | None = _f(None, lo=1)  # default: a quarter of train.epochs
-    reduction_factor: float = _f(3.0, lo=1.0, lo_open=True)
-
-
-@dataclass
-class ResourcesConfig:
-    # workers > 1: a data-parallel trial on Ray Train, cpu and gpu per worker
-    workers: int = _f(1, lo=1, hi=4096)
-    cpu: float = _f(1.0, lo=0.0, lo_open=True)
-    gpu: float = _f(0.0, lo=0.0, hi=1.0,
-                    help="a fraction of one GPU per worker; more GPUs per trial: tune.resources.workers")
-
-
-@dataclass
-class ConfirmConfig:
-    top_k: int = _f(3, lo=1)  # front points re-run with fresh seeds
-    seeds: list = _f([1, 2, 3])
-
-
-@dataclass
-class TuneConfig:
-    num_samples: int = _f(20, lo=1)
-    objective: str = _f("multi", choices=OBJECTIVES)
-    flops: str = _f("theoretical", choices=tuple(COST_METRICS))
-    sampler: str = _f("tpe", choices=SAMPLERS)
-    n_startup_trials: int = _f(10, lo=0, help="tpe only")
-    population_size: int | None = _f(None, lo=2, help="nsga2 only; default from num_samples")
-    seed: int = _f(0, lo=0)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    baselines: list = _f(list(BASELINES))
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    max_concurrent_trials: int | None = _f(None, lo=1)
-    time_budget_s: float | None = _f(None, lo=0.0, lo_open=True)
-    storage_path: str | None = _f(None)
-    max_failures: int = _f(2, lo=0)
-    keep_checkpoints: int = _f(2, lo=1, hi=2, help="bounded disk use")
-    retain_checkpoints: str = _f("front", choices=RETAIN)
-    confirm: ConfirmConfig | None = _f(None)
-
-
 def _type_name(tp) -> str:
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
     args = [a for a in get_args(tp) if a is not type(None)]
@@ -277,23 +227,51 @@ def _check_rule(value: Any, meta: dict, path: str) -> None:
 _type_hints = functools.cache(typing.get_type_hints)
 
 
+@functools.cache
+def _yaml_keys(cls) -> dict:
+    """The YAML keys of the rule-annotated dataclass ``cls``, in field order: each names its
+    field, or, for a mapping that flat fields share (``rule(yaml_key="resources.cpu")``), a dict
+    of the mapping's keys, each naming its field."""
+    keys: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        where = f.metadata.get("yaml_key")
+        if where:
+            outer, inner = where.split(".")
+            keys.setdefault(outer, {})[inner] = f
+        else:
+            keys[f.name] = f
+    return keys
+
+
+def _not_a_mapping(path: str, data: Any) -> ConfigError:
+    return ConfigError(path or "(top level)", f"must be a mapping of keys to values, got {type(data).__name__}")
+
+
+def _unknown_key(prefix: str, data: dict, allowed) -> None:
+    unknown = sorted(set(map(str, data)) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key; allowed keys here: {', '.join(allowed)}")
+
+
 def build_section(cls, data: Any, prefix: str):
     """Build the rule-annotated dataclass ``cls`` from a YAML mapping; errors name
-    ``prefix + key``. Nested dataclass fields are built recursively."""
+    ``prefix + key``. Nested dataclass fields are built recursively; the flat fields that a
+    ``yaml_key`` rule places in a mapping (``resources: {cpu: 2}``) are read from it, with the
+    same checks and messages as a nested section's (a mapping given as null is absent)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(prefix or "(top level)", f"must be a mapping of keys to values, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+        raise _not_a_mapping(prefix, data)
+    keys = _yaml_keys(cls)
     hints = _type_hints(cls)
-    unknown = sorted(set(map(str, data)) - set(fields))
-    if unknown:
-        key = unknown[0]
-        raise ConfigError(f"{prefix}{key}", f"unknown key; allowed keys here: {', '.join(fields)}")
+    _unknown_key(prefix, data, keys)
     kwargs = {}
-    for name, f in fields.items():
+    for name, f in keys.items():
         path = f"{prefix}{name}"
         if name not in data:
+            continue
+        if isinstance(f, dict):
+            kwargs.update(_build_mapping(f, data[name], f"{path}.", hints))
             continue
         section = next((a for a in (hints[name], *get_args(hints[name])) if dataclasses.is_dataclass(a)), None)
         if section is not None and (data[name] is not None or type(None) not in get_args(hints[name])):
@@ -303,6 +281,24 @@ def build_section(cls, data: Any, prefix: str):
         _check_rule(value, f.metadata, path)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _build_mapping(fields: dict, data: Any, prefix: str, hints: dict) -> dict:
+    """The values of the flat fields ``fields`` (mapping key -> field) from one YAML mapping."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise _not_a_mapping(prefix, data)
+    _unknown_key(prefix, data, fields)
+    out = {}
+    for key, f in fields.items():
+        if key in data:
+            path = f"{prefix}{key}"
+            out[f.name] = _coerce(data[key], hints[f.name], path)
+            _check_rule(out[f.name], f.metadata, path)
+        elif "given" in f.metadata:
+            out[f.name] = copy.deepcopy(f.metadata["given"])
+    return out
 
 
 def _check_cross(cfg: Config) -> None:
@@ -396,6 +392,20 @@ def set_by_path(data: dict, dotted: str, value: Any) -> None:
             raise ConfigError(dotted, f"{part} is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def flatten(data: dict, prefix: str = "", sections=None) -> dict:
+    """Nested dict to dotted keys, the inverse of :func:`set_by_path`: ``{"method": {"rho":
+    0.1}}`` -> ``{"method.rho": 0.1}``. Every mapping is opened, or with ``sections`` only the
+    mappings under those keys (a case of a search space: a mapping anywhere else is a value,
+    which the config's rules then refuse as the value it is)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and (sections is None or key in sections):
+            out.update(flatten(value, f"{prefix}{key}.", sections))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def get_by_path(cfg_dict: dict, dotted: str) -> Any:

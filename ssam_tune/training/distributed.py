@@ -56,14 +56,13 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ssam_tune.method.fisher import fisher_scores
 
 __all__ = [
-    "all_reduce_sums", "average_buffers", "average_gradients", "evaluate_distributed",
-    "fisher_scores_distributed", "masks_identical", "rank", "shard", "share", "world_size",
+    "all_reduce_sums", "average_buffers", "average_gradients", "fisher_scores_distributed", "masks_identical",
+    "rank", "shard", "share", "world_size",
 ]
 
 
@@ -185,42 +184,11 @@ def average_buffers(module: nn.Module, group: dist.ProcessGroup | None = None) -
 
 def all_reduce_sums(sums: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum a tensor of per-rank sums over ranks, in place, and return it (gathered
-    evaluation: loss sum, correct count and sample count of each rank's share)."""
+    evaluation, ``Trainer.evaluate``: loss sum, correct count and sample count of each rank's
+    share)."""
     if world_size(group) > 1:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     return sums
-
-
-@torch.no_grad()
-def evaluate_distributed(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
-                         batch_size: int = 1024, group: dist.ProcessGroup | None = None) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over the union of the ranks' shares of a split.
-
-    Each rank passes its own share (:func:`shard` with ``even=False``); the loss sum,
-    correct count and sample count are summed over ranks in one all_reduce (float64:
-    counts stay exact below 2**53), so every rank returns the whole split's figures, as
-    ``Trainer.evaluate`` computes them on one worker. (nan, nan) for an empty split. The
-    model is evaluated in eval mode and left in the mode it was found in.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    try:
-        for s in range(0, inputs.shape[0], batch_size):
-            x, y = inputs[s:s + batch_size], targets[s:s + batch_size]
-            logits = model(x)
-            if logits.dtype in (torch.float16, torch.bfloat16):  # as Trainer.evaluate: loss in float32
-                logits = logits.float()
-            totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
-            totals[1] += (logits.argmax(1) == y).sum().double()
-            totals[2] += y.shape[0]
-    finally:
-        model.train(was_training)
-    loss_sum, correct, n = all_reduce_sums(totals, group).tolist()
-    if n == 0:
-        return float("nan"), float("nan")
-    return loss_sum / n, correct / n
 
 
 def _comm_device(masks: Sequence[torch.Tensor] | None, group: dist.ProcessGroup | None) -> torch.device:

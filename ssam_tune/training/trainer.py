@@ -24,7 +24,8 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +49,25 @@ CHECKPOINT_FORMAT = 1
 _STREAMS = {"init": 0, "order": 1, "augment": 2, "mask": 3, "fisher": 4}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, *, assigned: torch.device | str | None = None,
+                   gpu_ids: Sequence[object] = ()) -> torch.device:
+    """``train.device`` as a torch device; the one place that resolves it (the training
+    command line, Ray trials and Ray Train workers).
+
+    ``auto``: the device a launcher ``assigned`` to this process (a Ray Train worker's), else
+    the first visible GPU (a Ray trial sees only its own: Ray sets CUDA_VISIBLE_DEVICES), else
+    the CPU, with a warning where GPUs were assigned (``gpu_ids``, Ray's) but CUDA is not
+    available. A named device is checked: ``cuda`` without CUDA, or a malformed name, is a
+    ConfigError."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if assigned is not None:
+            return torch.device(assigned)
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        if gpu_ids:
+            warnings.warn(f"GPU {list(gpu_ids)} assigned but CUDA is not available here; training on the CPU",
+                          stacklevel=2)
+        return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("train.device", f"{name!r} requested but CUDA is not available; use auto or cpu")
     try:
@@ -59,16 +76,16 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("train.device", f"must be auto, cpu, cuda or cuda:N, got {name!r}") from None
 
 
-def resolve_normalize(meth) -> str:
+def resolve_normalize(method_cfg) -> str:
     """``method.normalize`` as the optimizer takes it. SAM-ON always normalises over the
     layers it perturbs (Mueller et al., ||e|| = rho); ``auto`` is the paper's ``full`` for
     element masks and ``masked`` for tensor masks, whose pass at w then needs only the
     perturbed tensors' gradients (with ``full``, ||g|| needs all of them)."""
-    if method(meth.name).mask == "norm":
+    if method(method_cfg.name).mask == "norm":
         return "masked"
-    if meth.normalize != "auto":
-        return meth.normalize
-    return "masked" if meth.granularity == "tensor" else "full"
+    if method_cfg.normalize != "auto":
+        return method_cfg.normalize
+    return "masked" if method_cfg.granularity == "tensor" else "full"
 
 
 def load_data(cfg: Config) -> Data:
@@ -115,9 +132,10 @@ class Trainer:
                  log: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.log = log or (lambda msg: None)
-        self.spec = method(cfg.method.name)  # the method's row: optimizer, mask kind, cost rule
-        self.method = self.spec.name
-        self.sparse = self.spec.sparse
+        # the method's row (methods.py): optimizer, mask kind, cost rule; its settings are the
+        # MethodConfig cfg.method (method_cfg below)
+        self.method_row = method(cfg.method.name)
+        self.sparse = self.method_row.sparse
         self.rank, self.world = D.rank(), D.world_size()  # (0, 1) outside a process group
         self._set_device(device)
         self._place_data(data if data is not None else load_data(cfg))
@@ -214,32 +232,33 @@ class Trainer:
 
     def _build_optimizer(self) -> None:
         """SGD, SAM or SSAM around SGD, as the method's cost rule says (methods.py)."""
-        t, meth = self.cfg.train, self.cfg.method
+        t, method_cfg = self.cfg.train, self.cfg.method
         base = dict(lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov)
         params = self.model.parameters()
-        if not self.spec.perturbs:
+        if not self.method_row.perturbs:
             self.opt = torch.optim.SGD(params, **base)
-        elif not self.spec.sparse:
-            self.opt = SAM(params, torch.optim.SGD, rho=meth.rho, **base)
+        elif not self.method_row.sparse:
+            self.opt = SAM(params, torch.optim.SGD, rho=method_cfg.rho, **base)
         else:
-            normalize = resolve_normalize(meth)
-            if normalize == "full" and meth.granularity == "tensor":
+            normalize = resolve_normalize(method_cfg)
+            if normalize == "full" and method_cfg.granularity == "tensor":
                 self.log("method.normalize: full with granularity: tensor needs every weight gradient at w, "
                          "so the first pass costs as much as SAM's; use normalize: masked (or auto) to save it")
-            self.opt = SSAM(params, torch.optim.SGD, rho=meth.rho, sparsity=meth.sparsity, normalize=normalize,
-                            granularity=meth.granularity, tensor_score=meth.tensor_score, **base)
+            self.opt = SSAM(params, torch.optim.SGD, rho=method_cfg.rho, sparsity=method_cfg.sparsity,
+                            normalize=normalize, granularity=method_cfg.granularity,
+                            tensor_score=method_cfg.tensor_score, **base)
         self._names = {p: n for n, p in self.model.named_parameters()}
         self._exec_flops: float | None = None  # per sample, for the current masks (_executed_flops)
 
     def _build_schedules(self) -> None:
         """The mask refresh schedule (Alg. 1, T_m), the LR schedule and the loss."""
-        t, meth = self.cfg.train, self.cfg.method
+        t, method_cfg = self.cfg.train, self.cfg.method
         # SAM-ON's mask is the model's normalization layers: built once.
-        fixed = meth.fixed_mask or self.spec.mask == "norm"
-        self.schedule = M.MaskSchedule(interval=meth.T_m, unit=meth.mask_unit, fixed=fixed)
+        fixed = method_cfg.fixed_mask or self.method_row.mask == "norm"
+        self.mask_schedule = M.MaskSchedule(interval=method_cfg.T_m, unit=method_cfg.mask_unit, fixed=fixed)
         self.steps_per_epoch = self._steps_per_epoch()
         total = t.epochs * self.steps_per_epoch
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.opt, _cosine_lr(total, t.warmup_epochs * self.steps_per_epoch))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
 
@@ -263,7 +282,7 @@ class Trainer:
             "global_step": self.global_step,
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
+            "scheduler": self.lr_schedule.state_dict(),
             "rng": {name: g.get_state() for name, g in self.gens.items()} | {
                 "dataloader": self.dl_gen.get_state(), "torch": torch.get_rng_state()},
             "tracker": dict(self.tracker),
@@ -274,7 +293,7 @@ class Trainer:
             raise ValueError(f"unknown checkpoint format {state.get('format')!r}")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
+        self.lr_schedule.load_state_dict(state["scheduler"])
         for name, g in self.gens.items():
             g.set_state(state["rng"][name])
         self.dl_gen.set_state(state["rng"]["dataloader"])
@@ -308,27 +327,27 @@ class Trainer:
     def _refresh_mask(self, before_grad: bool) -> None:
         """Build the next mask; Fisher and random masks before the step's forward pass,
         dynamic updates after it (they read the gradient at w, Eq. 7)."""
-        kind = self.spec.mask
-        meth = self.cfg.method
+        kind = self.method_row.mask
+        method_cfg = self.cfg.method
         opt: SSAM = self.opt  # type: ignore[assignment]
         previous = opt.masks()
         params = opt.params()
         if kind == "fisher" and before_grad:
             x, y = self._fisher_batch()
             # model.parameters() order; summed over the ranks' shares (one worker: its own)
-            scores = D.fisher_scores_distributed(self.model, None, x, y, bn=meth.fisher_bn)
+            scores = D.fisher_scores_distributed(self.model, None, x, y, bn=method_cfg.fisher_bn)
             costs = None
-            if meth.granularity == "tensor" and meth.tensor_score == "per_flop":
+            if method_cfg.granularity == "tensor" and method_cfg.tensor_score == "per_flop":
                 per_tensor = backward_flops_per_tensor(self.model, self.input_shape)
                 costs = [per_tensor[n] for n, _ in self.model.named_parameters()]
             opt.set_masks_from_scores(scores, list(self.model.parameters()), costs)
         elif kind in ("random", "dynamic") and before_grad:  # the initial mask of SSAM-D is random
-            draw = M.tensor_random_mask if meth.granularity == "tensor" else M.random_mask
-            opt.set_masks(draw(params, meth.sparsity, generator=self.gens["mask"]))
+            draw = M.tensor_random_mask if method_cfg.granularity == "tensor" else M.random_mask
+            opt.set_masks(draw(params, method_cfg.sparsity, generator=self.gens["mask"]))
         elif kind == "norm" and before_grad:
             opt.set_masks(M.norm_mask(self.model, params))
         elif kind == "dynamic":
-            opt.dynamic_update(self.epoch, self.cfg.train.epochs, alpha=meth.alpha, strategy=meth.drop,
+            opt.dynamic_update(self.epoch, self.cfg.train.epochs, alpha=method_cfg.alpha, strategy=method_cfg.drop,
                                generator=self.gens["mask"])
         else:
             return
@@ -338,7 +357,8 @@ class Trainer:
         self.tracker["last_density"] = stats["density"]
         self.tracker["last_overlap"] = stats["overlap"]
         self.tracker["flops_mask"] += self.flops.mask_update_flops(
-            self.method, n_params=self.n_params, fisher_samples=min(meth.N_F, len(self.train_split)))
+            self.method_row.name, n_params=self.n_params,
+            fisher_samples=min(method_cfg.N_F, len(self.train_split)))
 
     def _executed_flops(self) -> float:
         """FLOPs per sample of a step with the current masks, as its passes run: the pass at
@@ -350,7 +370,7 @@ class Trainer:
             if skipped:
                 first = forward_backward_flops(self.model, self.input_shape,
                                                frozen=[self._names[p] for p in skipped])[1]
-            self._exec_flops = self.flops.executed_per_sample(self.method, first)
+            self._exec_flops = self.flops.executed_per_sample(self.method_row.name, first)
         return self._exec_flops
 
     def _theoretical_sparsity(self) -> float:
@@ -358,7 +378,7 @@ class Trainer:
         measured one where whole tensors make the density differ (tensor masks, SAM-ON)."""
         if not self.sparse:
             return 0.0
-        if self.spec.mask != "norm" and self.cfg.method.granularity == "element":
+        if self.method_row.mask != "norm" and self.cfg.method.granularity == "element":
             return self.cfg.method.sparsity
         return 1.0 - self.tracker["last_density"]
 
@@ -395,75 +415,127 @@ class Trainer:
             logits = self.forward(x)
             return self.criterion(logits.float(), y), logits
 
+    def _refresh_masks_before_step(self, step: int) -> bool:
+        """Alg. 1's mask refresh (every T_m), where it comes before the step's forward pass:
+        Fisher and random masks, and SSAM-D's initial random mask, so the very first step is
+        already sparse. (The reference starts from an all-zero mask and builds its first one
+        after step 0, so only its step 0 is unperturbed, i.e. plain SGD.) Returns True where
+        the refresh is an SSAM-D update instead, which :meth:`_step` makes from the step's
+        gradient at w."""
+        if not (self.sparse and self.mask_schedule.due(self.epoch, step, self.global_step)):
+            return False
+        if self.method_row.mask == "dynamic" and self.global_step > 0:
+            return True
+        self._refresh_mask(before_grad=True)
+        return False
+
+    def _step_flops(self, mask_update: bool) -> float:
+        """Executed FLOPs per sample of the coming step, as its passes run: the pass at w with
+        the current masks (:meth:`_executed_flops`), or in full (dense methods, and a step
+        whose gradient at w makes an SSAM-D update)."""
+        if self.sparse and not mask_update:
+            return self._executed_flops()
+        return self.flops.executed_per_sample(self.method_row.name)
+
+    def _inject_faults(self, loss: torch.Tensor) -> torch.Tensor:
+        """The fault-injection hook, called once per step, between the forward pass at w and its
+        backward. ``train.inject_kill_at_step``: the last worker SIGKILLs itself at that global
+        step, in a run that did not start from a checkpoint. ``train.inject_nan_at_step``: from
+        that global step on, the loss is NaN (a divergence)."""
+        t = self.cfg.train
+        kill_at, nan_at = t.inject_kill_at_step, t.inject_nan_at_step
+        if kill_at is not None and self.global_step == kill_at and not self.resumed \
+                and self.rank == self.world - 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if nan_at is not None and self.global_step >= nan_at:
+            return loss * float("nan")
+        return loss
+
+    def _average_gradients(self) -> None:
+        """With several workers, each parameter's gradient averaged over the ranks: the
+        global batch's, on every rank (one worker: nothing to do)."""
+        if self.world > 1:
+            D.average_gradients(self.model.parameters())
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor,
+              mask_update: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One optimizer step on this rank's share of a batch: SGD's one pass, or SAM's and
+        SSAM's two (the gradient at w gives e, Eq. 2; the gradient at w + e the update, Eq. 3),
+        each pass's gradients averaged over the workers; then the LR schedule's step.
+        ``mask_update``: SSAM-D's mask update from this step's gradient at w (Eq. 7).
+
+        Returns the loss and logits of the pass at w (detached) and ||e|| (None for SGD)."""
+        opt = self.opt
+        # The pass at w computes only the gradients e needs (tensor masks with normalize
+        # masked, SAM-ON); an SSAM-D update reads this pass's gradients to pick the next
+        # mask, so that pass runs in full (once per T_m).
+        with opt.first_pass() if self.sparse and not mask_update else contextlib.nullcontext():
+            loss, logits = self._loss(x, y)
+            loss = self._inject_faults(loss)
+            loss.backward()
+        self._average_gradients()  # g at w, before e and mask updates read it
+        e_norm = None
+        if not self.method_row.perturbs:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            if mask_update:  # drop by |g| at w from this minibatch (Eq. 7)
+                self._refresh_mask(before_grad=False)
+            opt.first_step(zero_grad=True)
+            frozen_bn = self.cfg.method.bn_second_pass == "freeze"
+            with freeze_bn_stats(self.model) if frozen_bn else contextlib.nullcontext():
+                self._loss(x, y)[0].backward()
+            self._average_gradients()  # the gradient at w + e
+            opt.second_step(zero_grad=True)
+            e_norm = opt.last_e_norm
+        self.lr_schedule.step()
+        self.global_step += 1
+        return loss.detach(), logits.detach(), e_norm
+
+    def _diverged_anywhere(self, loss_sum: torch.Tensor) -> bool:
+        """Whether the loss summed so far is NaN or infinite on any rank (one all-reduce):
+        every rank must stop at the same step."""
+        return not torch.isfinite(D.all_reduce_sums(loss_sum.clone()))
+
+    def _charge_flops(self, steps: int, images: int, executed: float) -> None:
+        """An epoch's FLOPs into the run's totals: the paper's theoretical cost of ``steps``
+        steps on ``images`` samples (the method's cost rule), and the ``executed`` FLOPs its
+        passes ran (mask updates are charged as they happen, :meth:`_refresh_mask`)."""
+        spent = self.flops.training_flops(self.method_row.name, steps, images=images,
+                                          sparsity=self._theoretical_sparsity())
+        self.tracker["flops_theoretical"] += spent["theoretical"]
+        self.tracker["flops_executed"] += executed
+
     def _train_epoch(self) -> dict | None:
         """One epoch; returns train metrics, or None if the loss became NaN/inf."""
-        model, opt, meth = self.model, self.opt, self.cfg.method
-        model.train()
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)  # this rank's shares
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         e_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        seen, steps, executed = 0, 0, 0.0
+        seen, steps, executed = 0, 0, 0.0  # global batches
         for step, (x, y) in enumerate(self._train_batches()):
             if step >= self.steps_per_epoch:
                 break
             x, y = self._to_device(x, y)
-            refresh = self.sparse and self.schedule.due(self.epoch, step, self.global_step)
-            # Fisher/random masks and SSAM-D's initial random mask come before the forward
-            # pass, so the very first step is already sparse. (The reference starts from an
-            # all-zero mask and builds its first one after step 0, so only its step 0 is
-            # unperturbed, i.e. plain SGD.)
-            dynamic_update = refresh and self.spec.mask == "dynamic" and self.global_step > 0
-            if refresh and not dynamic_update:
-                self._refresh_mask(before_grad=True)
-            # The pass at w computes only the gradients e needs (tensor masks with normalize
-            # masked, SAM-ON); an SSAM-D update reads this pass's gradients to pick the next
-            # mask, so that pass runs in full (once per T_m).
-            sparse_pass = self.sparse and not dynamic_update
-            self._maybe_kill()
-            with opt.first_pass() if sparse_pass else contextlib.nullcontext():
-                loss, logits = self._loss(x, y)
-                nan_at = self.cfg.train.inject_nan_at_step
-                if nan_at is not None and self.global_step >= nan_at:
-                    loss = loss * float("nan")  # fault injection (config.TrainConfig.inject_nan_at_step)
-                loss.backward()
-            if self.world > 1:  # g at w of the global batch on every rank, before e and mask updates read it
-                D.average_gradients(model.parameters())
+            mask_update = self._refresh_masks_before_step(step)
             n = y.shape[0] * self.world  # the global batch: shares are equal (_check_workers)
-            executed += n * (self._executed_flops() if sparse_pass else self.flops.executed_per_sample(self.method))
-            if not self.spec.perturbs:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            else:
-                if dynamic_update:  # drop by |g| at w from this minibatch (Eq. 7)
-                    self._refresh_mask(before_grad=False)
-                opt.first_step(zero_grad=True)
-                guard = freeze_bn_stats(model) if meth.bn_second_pass == "freeze" else contextlib.nullcontext()
-                with guard:
-                    self._loss(x, y)[0].backward()
-                if self.world > 1:  # the gradient at w + e, global batch
-                    D.average_gradients(model.parameters())
-                opt.second_step(zero_grad=True)
-                if opt.last_e_norm is not None:
-                    e_sum += opt.last_e_norm
-            self.sched.step()
-            loss_sum += loss.detach().double() * y.shape[0]  # this rank's share
-            correct += (logits.detach().argmax(1) == y).sum()
+            executed += n * self._step_flops(mask_update)
+            loss, logits, e_norm = self._step(x, y, mask_update)
+            if e_norm is not None:
+                e_sum += e_norm
+            loss_sum += loss.double() * y.shape[0]
+            correct += (logits.argmax(1) == y).sum()
             seen += n
             steps += 1
-            self.global_step += 1
-            # every rank must stop at the same step: NaN on any rank's share counts
-            if steps % 25 == 0 and not torch.isfinite(D.all_reduce_sums(loss_sum.clone())):
+            if steps % 25 == 0 and self._diverged_anywhere(loss_sum):
                 return None
-        totals = D.all_reduce_sums(torch.stack([loss_sum, correct.double()]))  # whole batches
-        loss_sum, correct = totals[0], totals[1]
+        loss_sum, correct = D.all_reduce_sums(torch.stack([loss_sum, correct.double()]))  # whole batches
         if seen == 0 or not torch.isfinite(loss_sum):
             return None
         self.tracker["images"] += seen
-        spent = self.flops.training_flops(self.method, steps, images=seen, sparsity=self._theoretical_sparsity())
-        self.tracker["flops_theoretical"] += spent["theoretical"]
-        self.tracker["flops_executed"] += executed
+        self._charge_flops(steps, seen, executed)
         return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
-                "e_norm": e_sum.item() / steps if self.spec.perturbs else 0.0, "train_images": seen}
+                "e_norm": e_sum.item() / steps if self.method_row.perturbs else 0.0, "train_images": seen}
 
     @torch.no_grad()
     def evaluate(self, split) -> tuple[float, float]:
@@ -506,13 +578,6 @@ class Trainer:
         if self.sparse and not D.masks_identical(self.opt.masks()):
             raise RuntimeError(f"epoch {self.epoch + 1}: the workers' masks differ; data-parallel SSAM needs "
                                "identical masks on every rank (see ssam_tune/distributed.py)")
-
-    def _maybe_kill(self) -> None:
-        """Fault injection (``train.inject_kill_at_step``): the last worker SIGKILLs itself at
-        that global step, in a run that did not start from a checkpoint."""
-        at = self.cfg.train.inject_kill_at_step
-        if at is not None and self.global_step == at and not self.resumed and self.rank == self.world - 1:
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def epochs(self) -> Iterator[dict]:
         """Train the remaining epochs, yielding metrics after each; stops on divergence."""

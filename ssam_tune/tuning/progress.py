@@ -18,6 +18,8 @@ from collections import Counter
 
 from ray.tune import Callback
 
+from ssam_tune.storage.experiment import META
+
 __all__ = ["Progress"]
 
 
@@ -43,7 +45,7 @@ class Progress(Callback):
 
     def _say(self, trial, text: str) -> None:
         elapsed = time.monotonic() - (self.t0 or time.monotonic())
-        label = trial.config.get("ssam_tune", {}).get("label") or trial.trial_id
+        label = trial.config.get(META, {}).get("label") or trial.trial_id
         print(f"[{elapsed:6.0f}s] {label:<13} {text}", flush=True)
 
     def _cost(self, result: dict) -> str:
@@ -55,7 +57,7 @@ class Progress(Callback):
         return f"{cost:.3g}"
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        meta = trial.config.get("ssam_tune", {})
+        meta = trial.config.get(META, {})
         epoch, cost = result.get("epoch"), result.get(self.cost_metric)
         if meta.get("anchor") and meta.get("label") == "sgd" and cost and epoch:
             self.sgd_per_epoch = cost / epoch

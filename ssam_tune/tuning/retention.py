@@ -27,17 +27,11 @@ import time
 
 from ray.tune import Callback
 
-from ssam_tune.storage.experiment import RAY_CHECKPOINT_PREFIX, Experiment
+from ssam_tune.storage.experiment import RAY_CHECKPOINT_PREFIX, Experiment, full_fidelity
 
 __all__ = ["PruneCheckpoints", "RestoreFromNewest", "prune_after_export"]
 
 log = logging.getLogger(__name__)
-
-
-def full_fidelity(result: dict | None, epochs: int) -> bool:
-    """Whether a trial's last result is a completed run of every epoch."""
-    result = result or {}
-    return result.get("status") == "completed" and int(result.get("epoch") or 0) >= epochs
 
 
 class PruneCheckpoints(Callback):

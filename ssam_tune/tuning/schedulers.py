@@ -23,10 +23,9 @@ from collections.abc import Sequence
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from ssam_tune.storage.experiment import RUNGS_FILE, Experiment
+from ssam_tune.storage.experiment import META, RUNGS_FILE, Experiment
 from ssam_tune.tuning import _private
 from ssam_tune.tuning.ranking import promote
-from ssam_tune.tuning.search import META
 from ssam_tune.tuning.space import milestones
 
 __all__ = ["MOASHA", "AnchoredASHA", "RungStateCallback", "make_scheduler"]

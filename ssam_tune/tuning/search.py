@@ -39,16 +39,16 @@ from pathlib import Path
 import optuna
 from ray.tune.search import Searcher
 
-from ssam_tune.storage.experiment import JOURNAL_FILE, Experiment
+from ssam_tune.storage.experiment import JOURNAL_FILE, META, Experiment, full_fidelity
 from ssam_tune.storage.files import atomic_write
 from ssam_tune.tuning import _private
 from ssam_tune.tuning.space import SearchSpace, baseline_params, resolve_config, sample_params
 from ssam_tune.tuning.study import close_orphans, objective_values, open_study, record
 
+# META (the trial config's bookkeeping key) lives in storage.experiment; named here too, as before
 __all__ = ["META", "SsamSearcher", "make_sampler", "sampler_seed"]
 
 log = logging.getLogger(__name__)
-META = "ssam_tune"  # key of the trial config that carries our bookkeeping
 _KEPT = ("epoch", "val_acc", "status")  # what the searcher keeps of a trial's last result
 
 
@@ -241,7 +241,7 @@ class SsamSearcher(Searcher):
         if error:
             status = "errored"
         elif status != "diverged":
-            full = status == "completed" and epoch >= self.space.epochs and values is not None
+            full = full_fidelity(last, self.space.epochs) and values is not None
             status = "completed" if full else "pruned"  # stopped early: scheduler, time budget
         record(self.study, number, status, epoch, values)
 
@@ -258,8 +258,7 @@ class SsamSearcher(Searcher):
             return  # told already (an anchor that errored and was re-run is told again)
         label = info["config"][META]["label"]
         values = self._values(last)
-        complete = not error and last.get("status") == "completed" and (last.get("epoch") or 0) >= \
-            self.space.epochs and values is not None
+        complete = not error and full_fidelity(last, self.space.epochs) and values is not None
         status = "completed" if complete else ("errored" if error else last.get("status") or "errored")
         attrs = {"ray_trial_id": trial_id, "kind": "baseline", "label": label, "status": status,
                  "baseline": {k: v for k, v in baseline_params(label, self.space.base).items()}}
@@ -291,8 +290,9 @@ class SsamSearcher(Searcher):
         self.__dict__.pop("journal_path", None)
         self._study, self._checked = None, set()
         for f in dataclasses.fields(self.space.tune):  # a searcher pickled by an older version
-            if not hasattr(self.space.tune, f.name):
-                setattr(self.space.tune, f.name, None if f.default is dataclasses.MISSING else f.default)
+            if not hasattr(self.space.tune, f.name):  # every TuneSettings field has a default
+                setattr(self.space.tune, f.name,
+                        f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
         if journal is not None:
             # The study as it was when Ray saved the trials it now restores (or newer: see
             # _forget_lost), also on a new head with an empty HOME. A newer local copy is

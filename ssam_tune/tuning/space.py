@@ -20,17 +20,16 @@ from typing import Any
 from ssam_tune.method.methods import METHODS, applies
 from ssam_tune.storage.files import is_uri
 from ssam_tune.training.config import (
-    BASELINES,
-    COST_METRICS,
-    SCHEDULERS,
+    SECTIONS,
     Config,
     ConfigError,
-    TuneConfig,
     build_section,
     config_from_dict,
     config_to_dict,
+    flatten,
     get_by_path,
     load_yaml,
+    rule,
     set_by_path,
 )
 
@@ -66,33 +65,64 @@ class Dist:
 DRIVER_MEMORY = 2**28
 
 
+# -- the tune: section --------------------------------------------------------------------------
+OBJECTIVES = ("single", "multi")
+SAMPLERS = ("tpe", "nsga2", "random")
+BASELINES = ("sgd", "sam", "ssam")
+# tune.flops -> the per-epoch metric that is the search's cost axis.
+COST_METRICS = {"theoretical": "flops_theoretical", "executed": "flops_executed", "wall": "train_seconds"}
+# auto: mo_asha under objective multi (non-dominated ranking keeps the cheap end of the
+# front), asha (Ray's, on validation accuracy) under objective single.
+SCHEDULERS = ("auto", "mo_asha", "asha", "none")
+# Checkpoints of finished trials: "front" keeps those of the Pareto front and the best trial
+# (deleted as soon as a trial is pruned or diverges, the rest after the export); "all" keeps
+# every trial's last keep_checkpoints.
+RETAIN = ("front", "all")
+
+
 @dataclass
 class TuneSettings:
-    """The resolved ``tune:`` section, flat. Its value rules and defaults are
-    :class:`~ssam_tune.training.config.TuneConfig`'s; :func:`_parse_tune` builds it."""
+    """The ``tune:`` section, each setting once: its YAML place, default and value rule
+    (:func:`~ssam_tune.training.config.rule`, checked by ``build_section``), then resolved by
+    :func:`_parse_tune` (the shorthands, the rules between keys, ``scheduler: auto``, the
+    grace period, NSGA-II's population). Flat: ``resources.cpu`` is ``cpu``,
+    ``scheduler.type`` is ``scheduler``, ``confirm.top_k`` is ``confirm_top_k``.
 
-    num_samples: int
-    objective: str
-    flops: str
-    sampler: str
-    n_startup_trials: int  # tpe only
-    population_size: int | None  # nsga2 only (resolved from the budget when not given)
-    seed: int
-    scheduler: str  # mo_asha, asha or none ("auto" resolved)
-    baselines: list
-    cpu: float  # per worker
-    gpu: float  # per worker
-    max_concurrent_trials: int | None
-    time_budget_s: float | None
-    storage_path: str | None
-    max_failures: int
-    keep_checkpoints: int
-    retain_checkpoints: str = "front"  # front or all (see config.RETAIN)
-    grace_period: int | None = None  # ASHA only
-    reduction_factor: float = 3.0  # ASHA only
-    confirm_top_k: int = 0  # 0: no confirmation step
-    confirm_seeds: list = field(default_factory=list)
-    workers: int = 1  # > 1: a data-parallel trial on Ray Train
+    Ray pickles it (the searcher's SearchSpace): an instance pickled by an older version
+    lacks the fields added since, which ``SsamSearcher.restore`` fills with their defaults."""
+
+    num_samples: int = field(default=20, metadata=rule(lo=1))
+    objective: str = field(default="multi", metadata=rule(choices=OBJECTIVES))
+    flops: str = field(default="theoretical", metadata=rule(choices=tuple(COST_METRICS)))
+    sampler: str = field(default="tpe", metadata=rule(choices=SAMPLERS))
+    n_startup_trials: int = field(default=10, metadata=rule(lo=0, help="tpe only"))
+    # nsga2 only; resolved from the budget when not given
+    population_size: int | None = field(default=None, metadata=rule(lo=2, help="nsga2 only; default from "
+                                                                              "num_samples"))
+    seed: int = field(default=0, metadata=rule(lo=0))
+    # resolved: mo_asha, asha or none ("auto" is not kept)
+    scheduler: str = field(default="auto", metadata=rule(choices=SCHEDULERS, yaml_key="scheduler.type"))
+    # ASHA only (None without a scheduler); resolved to a quarter of train.epochs when not given
+    grace_period: int | None = field(default=None, metadata=rule(lo=1, yaml_key="scheduler.grace_period"))
+    reduction_factor: float = field(default=3.0, metadata=rule(lo=1.0, lo_open=True,
+                                                               yaml_key="scheduler.reduction_factor"))
+    baselines: list = field(default_factory=lambda: list(BASELINES), metadata=rule())
+    # > 1: a data-parallel trial on Ray Train; cpu and gpu are per worker
+    workers: int = field(default=1, metadata=rule(lo=1, hi=4096, yaml_key="resources.workers"))
+    cpu: float = field(default=1.0, metadata=rule(lo=0.0, lo_open=True, yaml_key="resources.cpu"))
+    gpu: float = field(default=0.0, metadata=rule(
+        lo=0.0, hi=1.0, help="a fraction of one GPU per worker; more GPUs per trial: tune.resources.workers",
+        yaml_key="resources.gpu"))
+    max_concurrent_trials: int | None = field(default=None, metadata=rule(lo=1))
+    time_budget_s: float | None = field(default=None, metadata=rule(lo=0.0, lo_open=True))
+    storage_path: str | None = field(default=None, metadata=rule())
+    max_failures: int = field(default=2, metadata=rule(lo=0))
+    keep_checkpoints: int = field(default=2, metadata=rule(lo=1, hi=2, help="bounded disk use"))
+    retain_checkpoints: str = field(default="front", metadata=rule(choices=RETAIN))
+    # the front points re-run with fresh seeds: 0 without a confirm: mapping (no confirmation
+    # step); top_k 3 and seeds [1, 2, 3] where the mapping leaves them out
+    confirm_top_k: int = field(default=0, metadata=rule(lo=1, yaml_key="confirm.top_k", given=3))
+    confirm_seeds: list = field(default_factory=list, metadata=rule(yaml_key="confirm.seeds", given=[1, 2, 3]))
 
     def per_trial(self) -> dict[str, float]:
         """The CPUs and GPUs one trial holds: all its workers' together."""
@@ -326,19 +356,8 @@ def _check_value(base: dict, key: str, value: Any, path: str) -> None:
         raise ConfigError(path, f"{err.path}: {err.rule}") from None
 
 
-def _flatten(case: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in case.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and k in ("model", "data", "train", "method"):
-            out.update(_flatten(v, f"{key}."))
-        else:
-            out[key] = v
-    return out
-
-
 def _parse_tune(raw: Any, epochs: int, stored: bool = False) -> TuneSettings:
-    """The ``tune:`` section: value rules from :class:`~ssam_tune.training.config.TuneConfig`, plus the
+    """The ``tune:`` section: the value rules of :class:`TuneSettings`' fields, plus the
     shorthands (``scheduler: none``, ``baselines: false``) and the rules that involve other
     keys (the grace period against train.epochs)."""
     if raw is None:
@@ -360,46 +379,40 @@ def _parse_tune(raw: Any, epochs: int, stored: bool = False) -> TuneSettings:
         raw["baselines"] = list(BASELINES)
     if raw.get("confirm") is not None and not isinstance(raw["confirm"], dict):
         raise ConfigError("tune.confirm", "must be a mapping like {top_k: 3, seeds: [1, 2, 3]}")
-    cfg = build_section(TuneConfig, raw, "tune.")
+    t = build_section(TuneSettings, raw, "tune.")
 
     # settings the chosen sampler would silently ignore are refused (in a space.yaml stored by
     # an experiment they are dropped: older versions always wrote n_startup_trials)
     ignored = {"n_startup_trials": ("tpe",), "population_size": ("nsga2",)}
     for key, samplers in ignored.items():
-        if raw.get(key) is not None and cfg.sampler not in samplers and not stored:
-            why = ("its first generation (population_size trials) is its start-up" if cfg.sampler == "nsga2"
+        if raw.get(key) is not None and t.sampler not in samplers and not stored:
+            why = ("its first generation (population_size trials) is its start-up" if t.sampler == "nsga2"
                    else "every trial is random")
             raise ConfigError(f"tune.{key}", f"only applies to sampler {' or '.join(samplers)}; sampler "
-                              f"{cfg.sampler} ignores it ({why}); remove it")
-    if any(b not in BASELINES for b in cfg.baselines):
+                              f"{t.sampler} ignores it ({why}); remove it")
+    if any(b not in BASELINES for b in t.baselines):
         raise ConfigError("tune.baselines", f"must be a list drawn from {', '.join(BASELINES)} (or false); "
-                          f"got {cfg.baselines!r}")
-    t = TuneSettings(
-        num_samples=cfg.num_samples, objective=cfg.objective, flops=cfg.flops, sampler=cfg.sampler,
-        n_startup_trials=cfg.n_startup_trials, population_size=cfg.population_size, seed=cfg.seed,
-        scheduler=cfg.scheduler.type,
-        baselines=list(dict.fromkeys(cfg.baselines)), cpu=float(cfg.resources.cpu), gpu=float(cfg.resources.gpu),
-        workers=cfg.resources.workers,
-        max_concurrent_trials=cfg.max_concurrent_trials, time_budget_s=cfg.time_budget_s,
-        storage_path=cfg.storage_path, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints,
-        retain_checkpoints=cfg.retain_checkpoints)
+                          f"got {t.baselines!r}")
+    t.baselines = list(dict.fromkeys(t.baselines))
     if t.storage_path is not None and not t.storage_path:
         raise ConfigError("tune.storage_path", "must be a path or URI string, got ''")
     if t.scheduler == "auto":
         t.scheduler = "mo_asha" if t.objective == "multi" else "asha"
     if t.scheduler != "none":
-        grace = cfg.scheduler.grace_period or max(1, math.ceil(epochs / 4))
+        grace = t.grace_period or max(1, math.ceil(epochs / 4))
         if not 1 <= grace <= epochs:
             raise ConfigError("tune.scheduler.grace_period",
                               f"must be between 1 and train.epochs ({epochs}), got {grace}")
-        t.grace_period, t.reduction_factor = grace, float(cfg.scheduler.reduction_factor)
+        t.grace_period = grace
+    else:  # no rungs: the ASHA settings a mapping may give are not kept (nor written back)
+        unset = TuneSettings()
+        t.grace_period, t.reduction_factor = unset.grace_period, unset.reduction_factor
     if t.sampler == "nsga2" and t.population_size is None:
         t.population_size = t.default_population(epochs)
-    if cfg.confirm is not None:
-        seeds = cfg.confirm.seeds
+    if raw.get("confirm") is not None:
+        seeds = t.confirm_seeds
         if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
             raise ConfigError("tune.confirm.seeds", f"must be a non-empty list of integers >= 0, got {seeds!r}")
-        t.confirm_top_k, t.confirm_seeds = cfg.confirm.top_k, list(seeds)
     return t
 
 
@@ -469,7 +482,7 @@ def _parse_space(raw: Any, source: str, stem: str, check_paths: bool = True, sto
         for i, case in enumerate(cases_raw):
             if not isinstance(case, dict) or not case:
                 raise ConfigError(f"cases[{i}]", "must be a non-empty mapping of config keys to values")
-            flat = _flatten(case)
+            flat = flatten(case, sections=SECTIONS)
             label = flat.get("label")
             if label is not None and (not isinstance(label, str) or not NAME_RE.match(label)):
                 raise ConfigError(f"cases[{i}].label", f"must be a short name of letters, digits, '_', '-', '.'; "

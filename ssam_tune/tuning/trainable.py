@@ -29,16 +29,21 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from ray import tune
 
-from ssam_tune.storage.experiment import RAY_CHECKPOINT_PREFIX, Experiment
+from ssam_tune.storage.experiment import META, RAY_CHECKPOINT_PREFIX, Experiment
 from ssam_tune.storage.files import clear_partial_writes
 from ssam_tune.training.config import config_from_dict
 from ssam_tune.training.data import Data
-from ssam_tune.training.trainer import CHECKPOINT_FORMAT, Trainer, load_checkpoint, load_data, save_checkpoint
+from ssam_tune.training.trainer import (
+    CHECKPOINT_FORMAT,
+    Trainer,
+    load_checkpoint,
+    load_data,
+    resolve_device,
+    save_checkpoint,
+)
 from ssam_tune.tuning._private import quiet_train_reports
-from ssam_tune.tuning.search import META
 
 __all__ = ["train_trial"]
 
@@ -56,20 +61,6 @@ def _data_for(cfg) -> Data:
         while len(_DATA_CACHE) > 2:  # bounded: keep the two most recent data sets
             _DATA_CACHE.pop(next(iter(_DATA_CACHE)))
     return _DATA_CACHE[key]
-
-
-def _device(cfg) -> torch.device:
-    import ray
-
-    gpu_ids = ray.get_gpu_ids()
-    if cfg.train.device != "auto":
-        return torch.device(cfg.train.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", 0)  # Ray set CUDA_VISIBLE_DEVICES to this trial's GPU
-    if gpu_ids:
-        warnings.warn(f"Ray assigned GPU {gpu_ids} but CUDA is not available here; training on the CPU",
-                      stacklevel=2)
-    return torch.device("cpu")
 
 
 def _read(path: Path) -> dict | None:
@@ -153,8 +144,12 @@ def train_trial(config: dict) -> None:
     if meta.get("train_run"):
         _train_run(config)
         return
+    import ray
+
     cfg = config_from_dict(config["config"])
-    trainer = Trainer(cfg, data=_data_for(cfg), device=_device(cfg))
+    # auto: the trial's GPU (Ray set CUDA_VISIBLE_DEVICES to it), else the CPU
+    device = resolve_device(cfg.train.device, gpu_ids=ray.get_gpu_ids())
+    trainer = Trainer(cfg, data=_data_for(cfg), device=device)
     own_dir = Experiment(meta["exp_dir"]).checkpoint_dir(meta["trial_id"]) if meta.get("exp_dir") else None
     if own_dir is not None:
         own_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +225,8 @@ def _worker(config: dict) -> None:
     quiet_train_reports()  # the console shows one line per epoch (ssam_tune.tuning.progress)
     meta = config[META]
     cfg = config_from_dict(config["config"])
-    device = ray.train.torch.get_device() if cfg.train.device == "auto" else torch.device(cfg.train.device)
+    # auto: the device Ray Train gave this worker (its GPU among the node's workers', or the CPU)
+    device = resolve_device(cfg.train.device, assigned=ray.train.torch.get_device())
     trainer = Trainer(cfg, data=_data_for(cfg), device=device)
     state = _newest_run_state(ray.train.get_checkpoint(), Experiment(meta["exp_dir"]), meta["trial_id"])
     # rank 0's results are the trial's (TuneReportCallback); every rank reports each epoch

@@ -1,5 +1,9 @@
 """A synthetic search experiment in the folder layout Ray Tune 2.60 writes, without Ray.
 
+Used by ``bench_scale.py`` (a), the export of a 2,000-trial experiment, and by the tests
+(tests/test_scale.py, tests/_helpers.py), which find it through pytest's ``pythonpath``
+setting in pyproject.toml: one copy of Ray's layout for both.
+
 :func:`write_experiment` writes what ``python -m ssam_tune.run`` leaves in
 ``<storage>/<name>/`` for a multi-objective search (copied from real experiments, key order
 included):
