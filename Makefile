@@ -32,9 +32,10 @@ lint: venv
 test: lint
 	$(BIN)/python -m pytest -q tests --durations=25
 
-# The inner loop: every test that starts no Ray (all of the method and training layers).
+# The inner loop: every test that starts no Ray and is not marked slow (every module of the
+# method and training layers is covered).
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not e2e" tests --durations=10
+	$(BIN)/python -m pytest -q -m "not e2e and not slow" tests --durations=10
 
 test-portable: venv
 	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(NUMERIC_TESTS)

@@ -2,7 +2,7 @@
 
 ``ssam_tune.training.trainer.Trainer`` is data-parallel when a torch.distributed process group is
 initialised: ``train.batch_size`` is the global batch, each rank trains on its half of it,
-and gradients are averaged after both SAM passes (ssam_tune/distributed.py). This script
+and gradients are averaged after both SAM passes (ssam_tune/training/distributed.py). This script
 times whole epochs of ``Trainer._train_epoch()`` (divided by ``trainer.steps_per_epoch``) for
 SGD, SAM and SSAM-F (sparsity 0.5, element masks, normalize full, N_F 128 Fisher samples,
 mask rebuilt at the first step of every epoch as T_m = 1 epoch does) on a CIFAR ResNet-18

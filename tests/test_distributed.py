@@ -1,4 +1,4 @@
-"""Data-parallel SSAM (ssam_tune/distributed.py) in real processes: 2 ranks on gloo (CPU),
+"""Data-parallel SSAM (ssam_tune/training/distributed.py) in real processes: 2 ranks on gloo (CPU),
 spawned with torch.multiprocessing, against 1 process on the whole batch (float64, seeded).
 
 The models have no BatchNorm: synchronised BatchNorm needs CUDA (see the module doc; the

@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
-from _helpers import REPO, run_module, write_ray_state
+from _helpers import REPO, write_ray_state
 
 from ssam_tune.storage import experiment as X
 from ssam_tune.storage.experiment import Experiment, resolve_storage
@@ -96,12 +96,14 @@ def test_no_other_module_tests_for_a_scheme():
     assert not offenders, offenders
 
 
-def test_unreachable_storage_is_one_line_exit_2(tmp_path):
+def test_unreachable_storage_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    from ssam_tune.run import main
+
+    monkeypatch.chdir(tmp_path)
     space = REPO / "search_spaces" / "quickstart.yaml"
-    r = run_module("ssam_tune.run", str(space), "--storage", "nosuchscheme://b/p", cwd=tmp_path, timeout=120)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--storage: cannot reach nosuchscheme://b/p/quickstart" in lines[0], r.stderr
+    assert main([str(space), "--storage", "nosuchscheme://b/p"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--storage: cannot reach nosuchscheme://b/p/quickstart" in lines[0], lines
     assert list(tmp_path.iterdir()) == []
 
 

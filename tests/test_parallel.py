@@ -29,11 +29,11 @@ WORKERS = 2
 
 
 # -- 1-2. Ray Train directly ---------------------------------------------------------------------
-@pytest.fixture
+@pytest.fixture(scope="class")
 def ray_local():
-    """A local Ray for one test, shut down before the next: the search CLI tests start their
-    own, and two local instances on one machine make Ray's state API (by which Ray Train frees
-    stopped trials' workers) refuse to guess which one it serves."""
+    """A local Ray for the Ray Train runs (class TestRayTrain), shut down before the search tests:
+    they start their own, and two local instances on one machine make Ray's state API (by
+    which Ray Train frees stopped trials' workers) refuse to guess which one it serves."""
     import ray
 
     old = os.environ.get("PYTHONPATH")
@@ -49,8 +49,23 @@ def ray_local():
             os.environ["PYTHONPATH"] = old
 
 
+# Every worker function the Ray Train tests compare, run in ONE Ray Train run of 2 workers
+# (a run's start-up, ~10 s, dominates each): name -> (module, function, kwargs).
+JOBS = {"masks": ("test_distributed", "_mask_worker", {}),
+        "train": ("test_distributed", "_train_all", {}),
+        **{f"trainer_{m}": ("test_parallel", "_trainer_worker", {"method": m})
+           for m in ("sam", "ssam_random", "ssam_f")}}
+
+
+@pytest.fixture(scope="class")
+def ray_train_results(ray_local, tmp_path_factory) -> dict:
+    """name -> [rank 0's result, rank 1's result] for every job of :data:`JOBS`."""
+    return run_ray_train(JOBS, tmp_path_factory.mktemp("ray_train"))
+
+
 def _ray_entry(config: dict) -> None:
-    """One Ray Train worker: run ``module.fn(rank, world, **kwargs)``, save its result."""
+    """One Ray Train worker: run ``module.fn(rank, world, **kwargs)`` for every job, one after
+    the other in the same process group, and save each result."""
     import importlib
 
     import ray.train
@@ -58,52 +73,25 @@ def _ray_entry(config: dict) -> None:
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    fn = getattr(importlib.import_module(config["module"]), config["fn"])
-    torch.save(fn(rank, world, **config.get("kwargs", {})), os.path.join(config["out"], f"rank{rank}.pt"))
+    for name, (module, fn, kwargs) in config["jobs"].items():
+        result = getattr(importlib.import_module(module), fn)(rank, world, **kwargs)
+        torch.save(result, os.path.join(config["out"], f"{name}_rank{rank}.pt"))
 
 
-def run_ray_train(module: str, fn: str, out: Path, **kwargs) -> list:
+def run_ray_train(jobs: dict, out: Path) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     out.mkdir(parents=True, exist_ok=True)
-    TorchTrainer(_ray_entry, train_loop_config={"module": module, "fn": fn, "out": str(out), "kwargs": kwargs},
+    TorchTrainer(_ray_entry, train_loop_config={"jobs": jobs, "out": str(out)},
                  scaling_config=ScalingConfig(num_workers=WORKERS, resources_per_worker={"CPU": 1}),
                  run_config=RunConfig(name=out.name, storage_path=str(out.parent / "train"))).fit()
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORKERS)]
+    return {name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=True) for r in range(WORKERS)]
+            for name in jobs}
 
 
 def _close(a, b, atol):
     torch.testing.assert_close(a, b, rtol=0.0, atol=atol)
-
-
-def test_masks_bit_identical_across_ray_train_workers(ray_local, tmp_path):
-    r0, r1 = run_ray_train("test_distributed", "_mask_worker", tmp_path / "masks")
-    for gran in ("element", "tensor"):
-        for kind in ("fisher", "dynamic"):
-            key = f"{kind}_{gran}"
-            assert r0[f"{key}_identical"] and r1[f"{key}_identical"], key
-            assert all(torch.equal(a, b) for a, b in zip(r0[key], r1[key], strict=True)), key
-            assert not r0[f"{key}_local_identical"], f"{key}: the control (no sum/average) should differ"
-        assert r0[f"random_{gran}_identical"] and not r0[f"random_{gran}_rank_seeded_identical"]
-
-
-def test_two_ray_train_workers_equal_one_worker(ray_local, tmp_path):
-    """4 SAM/SSAM steps (momentum, weight decay) on 2 workers with B/2 each vs 1 process on B."""
-    import test_distributed as td
-
-    ranks = run_ray_train("test_distributed", "_train_all", tmp_path / "train")
-    ref = td._train_all(0, 1)
-    for case in td.CASES:
-        a, b = ranks[0][case], ranks[1][case]
-        for p0, p1, pr in zip(a["params"], b["params"], ref[case]["params"], strict=True):
-            assert torch.equal(p0, p1), case  # the replicas are bitwise the same
-            _close(p0, pr, 1e-12)
-        for m0, mr in zip(a["momentum"], ref[case]["momentum"], strict=True):
-            _close(m0, mr, 1e-12)
-        _close(torch.tensor(a["losses"]), torch.tensor(ref[case]["losses"]), 1e-12)
-        for step_masks, ref_masks in zip(a["masks"], ref[case]["masks"], strict=True):
-            assert all(torch.equal(x, y) for x, y in zip(step_masks, ref_masks, strict=True)), case
 
 
 def _stand_in(name, num_classes, *, width=1.0, input_size=32, **kw):
@@ -123,7 +111,7 @@ def _trainer_config(method: str) -> dict:
 
 def _trainer_worker(rank: int, world: int, method: str) -> dict:
     """The product's Trainer on the stand-in model: per-epoch metrics, final params, masks."""
-    import ssam_tune.train as T
+    import ssam_tune.training.trainer as T
     from ssam_tune.training.config import config_from_dict
 
     original, T.build_model = T.build_model, _stand_in  # the test process (1 worker) gets it back
@@ -138,24 +126,54 @@ def _trainer_worker(rank: int, world: int, method: str) -> dict:
             "masks": [m.clone() for m in trainer.opt.masks()] if trainer.sparse else []}
 
 
-@pytest.mark.parametrize("method", ["sam", "ssam_random", "ssam_f"])
-def test_trainer_on_two_ray_train_workers_equals_one(ray_local, tmp_path, method):
-    """float32, so up to round-off; Fisher masks (ssam_f) are compared across the workers
-    only: a float32 tie at the top-k boundary could differ from the 1-worker sum."""
-    r0, r1 = run_ray_train("test_parallel", "_trainer_worker", tmp_path / method, method=method)
-    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"], strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(r0["masks"], r1["masks"], strict=True))
-    assert r0["metrics"] == r1["metrics"]  # gathered: every worker reports the whole splits
-    if method == "ssam_f":
-        return
-    one = _trainer_worker(0, 1, method)
-    for a, b in zip(r0["params"], one["params"], strict=True):
-        _close(a, b, 1e-4)
-    for a, b in zip(r0["masks"], one["masks"], strict=True):
-        assert torch.equal(a, b)
-    for ma, mb in zip(r0["metrics"], one["metrics"], strict=True):
-        for key in ma:
-            assert abs(ma[key] - mb[key]) <= 1e-4 + 0.01 * (key == "val_acc"), (key, ma[key], mb[key])
+class TestRayTrain:
+    """The Ray Train runs: one Ray and one 2-worker run for the class (see JOBS)."""
+
+    def test_masks_bit_identical_across_ray_train_workers(self, ray_train_results):
+        r0, r1 = ray_train_results["masks"]
+        for gran in ("element", "tensor"):
+            for kind in ("fisher", "dynamic"):
+                key = f"{kind}_{gran}"
+                assert r0[f"{key}_identical"] and r1[f"{key}_identical"], key
+                assert all(torch.equal(a, b) for a, b in zip(r0[key], r1[key], strict=True)), key
+                assert not r0[f"{key}_local_identical"], f"{key}: the control (no sum/average) should differ"
+            assert r0[f"random_{gran}_identical"] and not r0[f"random_{gran}_rank_seeded_identical"]
+
+    def test_two_ray_train_workers_equal_one_worker(self, ray_train_results):
+        """4 SAM/SSAM steps (momentum, weight decay) on 2 workers with B/2 each vs 1 process on B."""
+        import test_distributed as td
+
+        ranks = ray_train_results["train"]
+        ref = td._train_all(0, 1)
+        for case in td.CASES:
+            a, b = ranks[0][case], ranks[1][case]
+            for p0, p1, pr in zip(a["params"], b["params"], ref[case]["params"], strict=True):
+                assert torch.equal(p0, p1), case  # the replicas are bitwise the same
+                _close(p0, pr, 1e-12)
+            for m0, mr in zip(a["momentum"], ref[case]["momentum"], strict=True):
+                _close(m0, mr, 1e-12)
+            _close(torch.tensor(a["losses"]), torch.tensor(ref[case]["losses"]), 1e-12)
+            for step_masks, ref_masks in zip(a["masks"], ref[case]["masks"], strict=True):
+                assert all(torch.equal(x, y) for x, y in zip(step_masks, ref_masks, strict=True)), case
+
+    @pytest.mark.parametrize("method", ["sam", "ssam_random", "ssam_f"])
+    def test_trainer_on_two_ray_train_workers_equals_one(self, ray_train_results, method):
+        """float32, so up to round-off; Fisher masks (ssam_f) are compared across the workers
+        only: a float32 tie at the top-k boundary could differ from the 1-worker sum."""
+        r0, r1 = ray_train_results[f"trainer_{method}"]
+        assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"], strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(r0["masks"], r1["masks"], strict=True))
+        assert r0["metrics"] == r1["metrics"]  # gathered: every worker reports the whole splits
+        if method == "ssam_f":
+            return
+        one = _trainer_worker(0, 1, method)
+        for a, b in zip(r0["params"], one["params"], strict=True):
+            _close(a, b, 1e-4)
+        for a, b in zip(r0["masks"], one["masks"], strict=True):
+            assert torch.equal(a, b)
+        for ma, mb in zip(r0["metrics"], one["metrics"], strict=True):
+            for key in ma:
+                assert abs(ma[key] - mb[key]) <= 1e-4 + 0.01 * (key == "val_acc"), (key, ma[key], mb[key])
 
 
 # -- 3. searches from a YAML ------------------------------------------------------------------------
@@ -198,7 +216,7 @@ run_search(load_space(sys.argv[1]), storage=sys.argv[2], resume=False, results=s
 
 
 def test_two_worker_search_stops_early_frees_workers_and_exports(tmp_path):
-    space = _space("dp-search", num_samples=2, n_startup_trials=1, baselines=["sgd", "sam"])
+    space = _space("dp-search", num_samples=2, n_startup_trials=1, baselines=["sgd"])
     path = write_yaml(tmp_path / "dp-search.yaml", space)
     (tmp_path / "driver.py").write_text(_STOPPING_DRIVER)
     r = run_module("driver", str(path), str(tmp_path / "ray"), str(tmp_path), cwd=tmp_path, timeout=WAIT,
@@ -208,8 +226,7 @@ def test_two_worker_search_stops_early_frees_workers_and_exports(tmp_path):
     rows = read_rows(tmp_path / "dp-search" / "trials.csv")
     status = {r["label"]: (r["status"], int(r["epochs_reached"])) for r in rows}
     first, second = sorted((label for label in status if label.startswith("optuna")), key=lambda x: int(x[6:]))
-    assert status == {"sgd": ("completed", 3), "sam": ("completed", 3), first: ("pruned", 2),
-                      second: ("pruned", 2)}, status
+    assert status == {"sgd": ("completed", 3), first: ("pruned", 2), second: ("pruned", 2)}, status
     exp = tmp_path / "ray" / "dp-search"
     runs = {reps[-1]["label"]: reps for reps in (reports(d) for d in exp.glob("trial_*"))}
     for label, reps in runs.items():  # one result per epoch (rank 0's), not one per worker

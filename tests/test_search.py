@@ -137,13 +137,14 @@ def test_best_config_reruns(finished_search, tmp_path):
     assert json.loads((tmp_path / "rerun" / "metrics.json").read_text())["status"] == "completed"
 
 
-def test_existing_experiment_needs_resume(finished_search):
-    r = _run_cli([str(FAST), "--storage", str(finished_search / "ray"), "--results", str(finished_search)],
-                 cwd=finished_search)
-    assert r.returncode == 2 and "already exists" in r.stderr
+def test_existing_experiment_needs_resume(finished_search, capsys):
+    from ssam_tune.run import main
+
+    assert main([str(FAST), "--storage", str(finished_search / "ray"), "--results", str(finished_search)]) == 2
+    assert "already exists" in capsys.readouterr().err
 
 
-def _experiment_done(exp: Path) -> bool:
+def _experiment_done(exp: Path, total: int) -> bool:
     states = sorted(exp.glob("experiment_state-*.json"))
     if not states:
         return False
@@ -152,14 +153,23 @@ def _experiment_done(exp: Path) -> bool:
         trials = [json.loads(t[0] if isinstance(t, list) else t) for t in data["trial_data"]]
     except (OSError, ValueError):
         return False
-    return len(trials) == 9 and all(t.get("status") == "TERMINATED" for t in trials)
+    return len(trials) == total and all(t.get("status") == "TERMINATED" for t in trials)
+
+
+# (sampled trials, anchors) per kill point: as many trials as the kill point needs, the whole
+# budget where the kill must land in the middle of the search
+BUDGET = {"before_state": (2, ["sgd"]), "first_trials": (3, ["sgd", "sam"]),
+          "mid_search": (6, ["sgd", "sam", "ssam"]), "export": (2, ["sgd"])}
 
 
 @pytest.mark.parametrize("moment", ["before_state", "first_trials", "mid_search", "export"])
 def test_sigkill_driver_then_resume(moment, tmp_path):
     space = fast_space()
-    space["train"]["epochs"] = 6
-    space["tune"]["scheduler"]["grace_period"] = 2
+    space["train"]["epochs"] = 4  # rungs at epochs 1 and 2
+    space["tune"]["scheduler"]["grace_period"] = 1
+    n_sampled, anchors = BUDGET[moment]
+    space["tune"].update(num_samples=n_sampled, baselines=anchors)
+    total = n_sampled + len(anchors)
     # the random sampler: a resumed driver must not replay the proposals of the killed one
     space["tune"]["sampler"] = "random"
     space["tune"].pop("n_startup_trials")
@@ -187,7 +197,7 @@ def test_sigkill_driver_then_resume(moment, tmp_path):
         "first_trials": lambda: checkpoints() >= 1,
         "mid_search": lambda: started() >= 4 and len(rung_records()) >= 3 and checkpoints() >= 1,
         # Ray is done with every trial: the driver is writing (or about to write) the exports
-        "export": lambda: _experiment_done(exp) or (tmp_path / "fast" / "trials.csv").exists(),
+        "export": lambda: _experiment_done(exp, total) or (tmp_path / "fast" / "trials.csv").exists(),
     }[moment]
     try:
         assert wait_for(when, 600), f"search never reached the kill point {moment}"
@@ -213,7 +223,7 @@ def test_sigkill_driver_then_resume(moment, tmp_path):
     assert set(before_rungs) <= set(rung_records())
     trials = read_rows(tmp_path / "fast" / "trials.csv")
     ids = [t["trial_id"] for t in trials]
-    assert len(ids) == len(set(ids)) == 9  # every trial once
+    assert len(ids) == len(set(ids)) == total  # every trial once
     assert all(t["status"] in ("completed", "pruned") for t in trials)
     for trial_id in ids:
         epochs = reported_epochs(exp / f"trial_{trial_id}")
@@ -227,8 +237,8 @@ def test_sigkill_driver_then_resume(moment, tmp_path):
     study = open_study(str(exp / "optuna.journal"), "fast", "multi")
     assert all(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in study.trials)  # none left running
     sampled = [t for t in study.trials if t.user_attrs.get("kind") == "search"]
-    assert len([t for t in sampled if t.state.name != "FAIL"]) == 6  # the budget, each once
-    assert len([t for t in study.trials if t.user_attrs.get("kind") == "baseline"]) == 3  # each anchor once
+    assert len([t for t in sampled if t.state.name != "FAIL"]) == n_sampled  # the budget, each once
+    assert len([t for t in study.trials if t.user_attrs.get("kind") == "baseline"]) == len(anchors)  # each once
     # never the same configuration twice, orphans of the killed driver included
     proposed = [tuple(sorted(t.params.items())) for t in sampled]
     assert len(proposed) == len(set(proposed)), proposed
@@ -292,7 +302,7 @@ def test_smoke_runs_a_paper_space(tmp_path):
     assert {t["model.name"] for t in trials} == {"resnet18"} and {t["data.name"] for t in trials} == {"embedded"}
 
 
-def test_resume_auto_starts_then_resumes_and_ray_client_is_refused(tmp_path):
+def test_resume_auto_starts_then_resumes_and_ray_client_is_refused(tmp_path, monkeypatch, capsys):
     """An idempotent entrypoint for jobs a cluster may restart: start if absent, resume if
     present; and a ray:// address is refused before anything starts."""
     space = fast_space()
@@ -310,8 +320,15 @@ def test_resume_auto_starts_then_resumes_and_ray_client_is_refused(tmp_path):
     again = read_rows(tmp_path / "fast" / "trials.csv")
     assert [t["trial_id"] for t in again] == [t["trial_id"] for t in first] and len(first) == 1
     assert again[0]["status"] == "completed"
-    r = _run_cli(["auto.yaml", "--storage", str(tmp_path / "ray2"), "--resume"], cwd=tmp_path)
-    assert r.returncode == 2 and "no experiment to resume" in r.stderr and "--resume auto starts it" in r.stderr
-    r = _run_cli(["auto.yaml", "--address", "ray://head:10001"], cwd=tmp_path)
-    assert r.returncode == 2 and "error: " in r.stderr and "ray job submit" in r.stderr
+    # refusals happen before Ray starts: the command line's code, in process
+    from ssam_tune.run import main
+
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["auto.yaml", "--storage", str(tmp_path / "ray2"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "no experiment to resume" in err and "--resume auto starts it" in err
+    assert main(["auto.yaml", "--address", "ray://head:10001"]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "ray job submit" in err
     assert not (tmp_path / "results").exists()

@@ -36,12 +36,16 @@ def test_trainable_treats_evil_checkpoint_as_unreadable(tmp_path):
     assert not marker.exists()
 
 
-def test_yaml_python_tags_never_run(tmp_path):
+def test_yaml_python_tags_never_run(tmp_path, monkeypatch, capsys):
+    # both command lines, in process (tests/test_space.py runs refused files through the real
+    # subprocesses): refused with exit code 2, and the tag's code never ran
+    from ssam_tune import run, train
+
+    monkeypatch.chdir(tmp_path)
     marker = tmp_path / "pwned"
     (tmp_path / "s.yaml").write_text(f"seed: !!python/object/apply:pathlib.Path.touch [{str(marker)!r}]\n")
-    for module in ("ssam_tune.run", "ssam_tune.train"):
-        r = run_module(module, str(tmp_path / "s.yaml"), cwd=tmp_path, timeout=120)
-        assert r.returncode == 2 and "!!python" in r.stderr
+    for main in (run.main, train.run_cli):
+        assert main([str(tmp_path / "s.yaml")]) == 2 and "!!python" in capsys.readouterr().err
     assert not marker.exists()
 
 

@@ -308,6 +308,7 @@ def test_tensor_granularity_with_full_normalization_warns_and_stays_dense(monkey
     assert resolve_normalize(_cfg(name="ssam_f").method) == "full"  # the paper's, element masks
 
 
+@pytest.mark.slow  # inductor compiles C++ for ~8 s: make test runs it, make test-fast does not
 def test_compile_gives_the_eager_step(monkeypatch):
     """train.compile on CPU (inductor): two SAM-ON steps, whose pass at w runs with
     requires_grad off for most tensors (one more graph), in float64, equal eager's."""

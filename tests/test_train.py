@@ -20,7 +20,7 @@ from ssam_tune.train import run_cli
 from ssam_tune.training.config import config_from_dict
 from ssam_tune.training.trainer import Trainer, load_checkpoint
 
-TINY = {"model": {"width": 0.125}, "data": {"train_size": 1024, "val_fraction": 0.1},
+TINY = {"model": {"width": 0.0625}, "data": {"train_size": 512, "val_fraction": 0.1},
         "train": {"epochs": 2, "batch_size": 64}}
 TINY_STEPS = steps_per_epoch(TINY["data"]["train_size"], TINY["train"]["batch_size"])  # optimizer steps / epoch
 TIMING = {"epoch_seconds", "images_per_second", "train_seconds"}
@@ -85,7 +85,7 @@ def test_flops_accounting_matches_cost_model(embedded):
     cfg = config_from_dict(tiny("sam", train={"epochs": 1}))
     trainer = Trainer(cfg, data=embedded)
     (m,) = list(trainer.epochs())
-    images = (1024 // 64) * 64
+    images = TINY_STEPS * 64
     assert m["flops_executed"] == pytest.approx(2 * images * (trainer.flops.F + trainer.flops.B))
 
 
@@ -162,7 +162,7 @@ def _non_timing(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize("method", ["ssam_d", "ssam_f"])
 def test_resume_in_fresh_process_is_bit_exact(method, tmp_path, monkeypatch):
-    cfg = tiny(method, train={"epochs": 3}, data={"train_size": 512})
+    cfg = tiny(method, train={"epochs": 3})
     cfg["method"]["N_F"] = 32
     write_yaml(tmp_path / "c.yaml", cfg)
     # the uninterrupted run and the interrupted one's first epoch through the CLI's code in this

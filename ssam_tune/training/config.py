@@ -106,7 +106,7 @@ class TrainConfig:
     test_every: int = _f(1, lo=0, hi=100000)
     # Multi-worker trials: BatchNorm statistics over the global batch (torch SyncBatchNorm,
     # CUDA only). Off: each worker normalises with its share's statistics, and the running
-    # statistics are averaged over workers every epoch (ssam_tune/train.py).
+    # statistics are averaged over workers every epoch (training/trainer.py).
     sync_bn: bool = _f(False)
     # Fault injection for tests: the training loss is NaN from this global step on, so a
     # divergence does not depend on how a CPU rounds a huge learning rate (null: off).

@@ -577,7 +577,7 @@ class Trainer:
             D.average_buffers(self.model)
         if self.sparse and not D.masks_identical(self.opt.masks()):
             raise RuntimeError(f"epoch {self.epoch + 1}: the workers' masks differ; data-parallel SSAM needs "
-                               "identical masks on every rank (see ssam_tune/distributed.py)")
+                               "identical masks on every rank (see training/distributed.py)")
 
     def epochs(self) -> Iterator[dict]:
         """Train the remaining epochs, yielding metrics after each; stops on divergence."""
