@@ -27,8 +27,8 @@ lint: venv
 	$(BIN)/python -m ruff check .
 	$(BIN)/lint-imports --no-cache
 
-# Everything: the fast tier, then the end-to-end tier (tests that start Ray or a search
-# subprocess, marked e2e by tests/conftest.py); the slowest tests are listed at the end.
+# Everything: both tiers (the end-to-end one: tests that start Ray or a search subprocess,
+# marked e2e by tests/conftest.py); the slowest tests are listed at the end.
 test: lint
 	$(BIN)/python -m pytest -q tests --durations=25
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import sys
 import types
 
@@ -45,46 +46,50 @@ MOVED_MODULES = {
     "ssam_tune.tensorboard_live": "ssam_tune.export.live",
 }
 
-# "old module.attribute" -> "new module:attribute", for names that moved out of a module that
-# still exists (or moved between modules before this table existed)
+# old module -> where the rest of its names went, looked up after MOVED_MODULES' module (or
+# after the module itself, for a module that still exists)
+ALSO_IN = {
+    "ssam_tune.train": "ssam_tune.training.trainer",      # the Trainer moved; train.py is the CLI now
+    "ssam_tune.experiment": "ssam_tune.storage.files",    # atomic writes, is_uri, new_dir, swap_dir
+    "ssam_tune.schedulers": "ssam_tune.tuning.ranking",   # MO-ASHA's ranking rule, Ray-free
+    "ssam_tune.config": "ssam_tune.tuning.space",         # the tune: section's value sets
+    "ssam_tune.run": "ssam_tune.tuning.tuner",            # PENDING_TRIALS, trial names, Ray start
+}
+
+# "old module.attribute" -> "new module:attribute", for single names moved elsewhere
 MOVED_NAMES = {
     # pickled in tuner.pkl by versions before the schedulers had their own module
     "ssam_tune.search.AnchoredASHA": "ssam_tune.tuning.schedulers:AnchoredASHA",
     "ssam_tune.search.RungStateCallback": "ssam_tune.tuning.schedulers:RungStateCallback",
-    # ssam_tune.train is the training command line now; the Trainer lives in training/trainer.py
-    "ssam_tune.train.Trainer": "ssam_tune.training.trainer:Trainer",
-    "ssam_tune.train.load_checkpoint": "ssam_tune.training.trainer:load_checkpoint",
-    "ssam_tune.train.save_checkpoint": "ssam_tune.training.trainer:save_checkpoint",
-    "ssam_tune.train.load_data": "ssam_tune.training.trainer:load_data",
     "ssam_tune.train.build_model": "ssam_tune.training.models:build_model",
-    "ssam_tune.experiment.atomic_write": "ssam_tune.storage.files:atomic_write",
-    "ssam_tune.experiment.is_uri": "ssam_tune.storage.files:is_uri",
-    # the tune: section's value sets live with its one dataclass (tuning/space.py:TuneSettings)
-    "ssam_tune.config.OBJECTIVES": "ssam_tune.tuning.space:OBJECTIVES",
-    "ssam_tune.config.SAMPLERS": "ssam_tune.tuning.space:SAMPLERS",
-    "ssam_tune.config.BASELINES": "ssam_tune.tuning.space:BASELINES",
-    "ssam_tune.config.COST_METRICS": "ssam_tune.tuning.space:COST_METRICS",
-    "ssam_tune.config.SCHEDULERS": "ssam_tune.tuning.space:SCHEDULERS",
-    "ssam_tune.config.RETAIN": "ssam_tune.tuning.space:RETAIN",
-    # the Ray Tune experiment is built in tuning/tuner.py now: the trial-name functions are
-    # pickled in the tuner.pkl of experiments started through run_search (by reference; run
-    # as python -m, run.py was __main__ and pickled them by value); PENDING_TRIALS was in
-    # run.__all__
+    # the trial-name functions are pickled in the tuner.pkl of experiments started through
+    # run_search (by reference; run as python -m, run.py was __main__ and pickled them by value)
     "ssam_tune.run._trial_name": "ssam_tune.tuning.tuner:trial_name",
     "ssam_tune.run._trial_dirname": "ssam_tune.tuning.tuner:trial_dirname",
-    "ssam_tune.run.PENDING_TRIALS": "ssam_tune.tuning.tuner:PENDING_TRIALS",
+}
+
+# Public names of 79462fa that no longer exist, and what replaces them (AttributeError says so)
+REMOVED = {
+    "ssam_tune.config.TuneConfig": "ssam_tune.tuning.space.TuneSettings (one dataclass for the tune: section)",
+    "ssam_tune.config.SchedulerConfig": "fields of ssam_tune.tuning.space.TuneSettings",
+    "ssam_tune.config.ResourcesConfig": "fields of ssam_tune.tuning.space.TuneSettings",
+    "ssam_tune.config.ConfirmConfig": "fields of ssam_tune.tuning.space.TuneSettings",
+    "ssam_tune.distributed.evaluate_distributed": "ssam_tune.training.trainer.Trainer.evaluate in a process group",
 }
 
 
 def moved_name(module: str, name: str):
-    """The object an old ``module.name`` refers to now; AttributeError if it never moved."""
+    """The object an old ``module.name`` refers to now; AttributeError if there is none."""
     target = MOVED_NAMES.get(f"{module}.{name}")
     if target is not None:
         new_module, attr = target.split(":")
         return getattr(importlib.import_module(new_module), attr)
-    if module in MOVED_MODULES:
-        return getattr(importlib.import_module(MOVED_MODULES[module]), name)
-    raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    if not (name.startswith("__") and name.endswith("__")):  # never import anything for a dunder
+        for place in (MOVED_MODULES.get(module), ALSO_IN.get(module)):
+            if place is not None and hasattr(found := importlib.import_module(place), name):
+                return getattr(found, name)
+    gone = REMOVED.get(f"{module}.{name}")
+    raise AttributeError(f"module {module!r} has no attribute {name!r}" + (f"; use {gone}" if gone else ""))
 
 
 class _OldModule(importlib.abc.Loader):
@@ -94,9 +99,16 @@ class _OldModule(importlib.abc.Loader):
         return None  # a plain module object
 
     def exec_module(self, module: types.ModuleType) -> None:
+        # Attribute lookups of dunders (``__file__``: torch's import scans sys.modules with
+        # hasattr) must not import the new module, which may be half-imported at that moment.
         name = module.__name__
         module.__getattr__ = lambda attr: moved_name(name, attr)
         module.__doc__ = f"Moved: see {MOVED_MODULES[name]} (ssam_tune/_compat.py)."
+
+    def get_code(self, fullname: str):
+        """``python -m <old name>`` runs the new module's code (e.g. ``ssam_tune.train_cli``)."""
+        new = MOVED_MODULES[fullname]
+        return importlib.util.find_spec(new).loader.get_code(new)
 
 
 class _Finder(importlib.abc.MetaPathFinder):

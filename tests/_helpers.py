@@ -1,7 +1,8 @@
 """Plain helpers shared by the test files (the fixtures are in conftest.py).
 
 Test modules import this file by name (``from _helpers import ...``): pytest puts this folder
-on ``sys.path``. Nothing here is sent to Ray workers (they import only tests/_trivial.py).
+on ``sys.path``. Nothing here is sent to Ray workers (they import tests/_trivial.py and
+benchmarks/_search_trivial.py).
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Fixtures shared by the test files, and the test tiers. Plain helper functions are in
-tests/_helpers.py; the trivial trainable that Ray workers import by name stays in
-tests/_trivial.py.
+tests/_helpers.py; the trainables that Ray workers import by name are in tests/_trivial.py
+and benchmarks/_search_trivial.py.
 
 Tiers: a test that starts Ray (in process or in a ``python -m ssam_tune.run`` subprocess)
 is marked ``e2e`` here, from its source and its fixtures' sources, so nobody has to
-remember to; ``make test-fast`` runs ``-m "not e2e"``, ``make test`` runs everything. A test
-left unmarked that starts Ray in process fails (the check after each fast test), so the
-fast tier cannot quietly grow a Ray start-up.
+remember to; ``make test-fast`` runs ``-m "not e2e and not slow"``, ``make test`` runs
+everything. A test left unmarked that starts Ray (in process or in a subprocess) fails (the
+check after each fast test), so the fast tier cannot quietly grow a Ray start-up.
 """
 
 from __future__ import annotations
