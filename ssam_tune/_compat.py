@@ -61,7 +61,6 @@ MOVED_NAMES = {
     # pickled in tuner.pkl by versions before the schedulers had their own module
     "ssam_tune.search.AnchoredASHA": "ssam_tune.tuning.schedulers:AnchoredASHA",
     "ssam_tune.search.RungStateCallback": "ssam_tune.tuning.schedulers:RungStateCallback",
-    "ssam_tune.train.build_model": "ssam_tune.training.models:build_model",
     # the trial-name functions are pickled in the tuner.pkl of experiments started through
     # run_search (by reference; run as python -m, run.py was __main__ and pickled them by value)
     "ssam_tune.run._trial_name": "ssam_tune.tuning.tuner:trial_name",
