@@ -28,17 +28,20 @@ lint: venv
 	$(BIN)/lint-imports --no-cache
 
 # Everything: both tiers (the end-to-end one: tests that start Ray or a search subprocess,
-# marked e2e by tests/conftest.py); the slowest tests are listed at the end.
+# marked e2e by tests/conftest.py); the slowest tests are listed at the end. Two pytest-xdist
+# workers: the e2e tests run one after another on one of them (tests/conftest.py groups them),
+# the other tests share both, so they overlap the e2e tier's waits on Ray.
 test: lint
-	$(BIN)/python -m pytest -q tests --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests --durations=25
 
 # The inner loop: every test that starts no Ray and is not marked slow (every module of the
 # method and training layers is covered).
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not e2e and not slow" tests --durations=10
 
+# One thread per process, so two xdist workers use the two cores of a CI machine.
 test-portable: venv
-	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(NUMERIC_TESTS)
+	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 $(NUMERIC_TESTS)
 
 clean:
 	rm -rf $(VENV) results/quickstart results/ray/quickstart

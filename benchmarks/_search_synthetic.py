@@ -1,13 +1,11 @@
-"""A synthetic Sparse-SAM training run with a known answer, for ``bench_search.py``.
+"""A synthetic Sparse-SAM learning-curve model with a known answer, as a table for ``bench_replay.py``.
 
-:func:`synthetic_trainable` stands in for :func:`ssam_tune.tuning.trainable.train_trial`: it receives
-``{"ssam_tune": bookkeeping, "config": full training config}`` and reports, every epoch, the
-metrics the searcher, the schedulers and the exports read (epoch, val_acc, test_acc, the three
-cumulative FLOPs counters, train_seconds, status, best_val_acc, best_epoch, test_acc_at_best,
-label), plus ``true_final_acc``, the noise-free final validation accuracy of its config (the
-benchmark's ground truth; nothing in ssam_tune reads it). It never sleeps and writes no
-checkpoint. Ray workers import it by name: the folder holding this file must be on the
-workers' ``PYTHONPATH`` (:func:`_search_common.fresh_ray_env`).
+:func:`write_table` writes the model's curves over a product grid of the searched keys
+(:data:`GRID`), three noise seeds per config, in the table format of
+``benchmarks/curves/README.md``: the same input ``bench_replay.py`` takes for the real curves
+of ``make_curves.py``. The model was the search benchmark's only ground truth before the real
+curves existed; ``bench_replay.py --synthetic PATH`` checks that a strategy chosen on the real
+curves does not lose to random search on it.
 
 The model and its assumptions (numbers loosely after Mi et al. 2022, Table 1, ResNet-18 on
 CIFAR-10, where SAM gains ~0.8 points over SGD and SSAM keeps most of it up to high sparsity):
@@ -42,13 +40,15 @@ CIFAR-10, where SAM gains ~0.8 points over SGD and SSAM keeps most of it up to h
   high-learning-rate phase swing). Test accuracy is the validation curve 0.3 points lower
   with its own jitter.
 
-The true front (:func:`true_front`) is computed from the noise-free final values over a dense
-sample of the searched space (:data:`SPACE`).
+The ground truth of a table is its configs' final values averaged over the seeds
+(``bench_replay.Truth``).
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import itertools
 import json
 
 import numpy as np
@@ -61,7 +61,7 @@ SGD_ACC = 0.940
 GAIN_MAX = 0.008
 RHO_BEST = 0.1
 
-# The searched space (bench_search.py builds its YAML dict from this).
+# The space the model was written for (the grid below samples it).
 SPACE = {
     "method.name": ["sam", "ssam_f", "ssam_d"],
     "method.rho": (0.02, 0.5),  # loguniform
@@ -166,77 +166,45 @@ def noisy(method: dict, seed: int, epoch: int, epochs: int) -> tuple[float, floa
     return val, test
 
 
-# -- the trainable ------------------------------------------------------------------------------
-def synthetic_trainable(config: dict) -> None:
-    from ray import tune
-
-    meta = config.get("ssam_tune", {})
-    cfg = config["config"]
-    epochs = int(cfg["train"]["epochs"])
-    seed = int(cfg["seed"])
-    method = cfg["method"]
-    th, ex, mask = cost_per_epoch(method)
-    truth = final_accuracy(method)
-    best_acc, best_epoch, test_at_best = -1.0, 0, None
-    for e in range(1, epochs + 1):
-        val, test = noisy(method, seed, e, epochs)
-        if val > best_acc:
-            best_acc, best_epoch, test_at_best = val, e, test
-        tune.report({
-            "epoch": e, "val_acc": val, "test_acc": test,
-            "flops_theoretical": th * FLOPS_PER_EPOCH * e, "flops_executed": ex * FLOPS_PER_EPOCH * e,
-            "flops_mask": mask * FLOPS_PER_EPOCH * e, "train_seconds": ex * SECONDS_PER_EPOCH * e,
-            "status": "completed" if e == epochs else "running",
-            "best_val_acc": best_acc, "best_epoch": best_epoch, "test_acc_at_best": test_at_best,
-            "label": meta.get("label", ""), "true_final_acc": truth,
-        })
+# -- the table -----------------------------------------------------------------------------------
+# The grid the synthetic table records: a product per method over the searched keys, wider
+# than the real tables' (the model is free to evaluate).
+GRID = {"rho": [0.02, 0.05, 0.1, 0.2, 0.5], "sparsity": [0.2, 0.5, 0.75, 0.9, 0.99], "N_F": [16, 128, 512],
+        "T_m": [1, 5, 20], "alpha": [0.2, 0.5, 0.8]}
 
 
-# -- the true front -----------------------------------------------------------------------------
-def dense_sample(n_rho: int = 81, n_sparsity: int = 160, n_alpha: int = 41) -> tuple[np.ndarray, np.ndarray]:
-    """(cost relative to SGD, noise-free final accuracy) over a dense grid of :data:`SPACE`
-    (every N_F and T_m choice), SGD included."""
-    lo, hi = SPACE["method.rho"]
-    rho = np.geomspace(lo, hi, n_rho)
-    s = np.linspace(*SPACE["method.sparsity"], n_sparsity)
-    alpha = np.linspace(*SPACE["method.alpha"], n_alpha)
-    costs = [np.concatenate([[1.0], np.full(n_rho, 2.0)])]  # SGD, then SAM
-    accs = [np.concatenate([[SGD_ACC], SGD_ACC + rho_gain(rho, RHO_BEST)])]
-    for n_f in SPACE["method.N_F"]:
-        for t_m in SPACE["method.T_m"]:
-            R, S = np.meshgrid(rho, s, indexing="ij")
-            costs.append((1.0 + (1.0 - S) + mask_cost(n_f, t_m)).ravel())
-            accs.append((SGD_ACC + sparse_gain(R, S, mask_quality_f(n_f, t_m))).ravel())
-    R, S, A = np.meshgrid(rho, s, alpha, indexing="ij")
-    costs.append((1.0 + (1.0 - S)).ravel())
-    accs.append((SGD_ACC + sparse_gain(R, S, mask_quality_d(A))).ravel())
-    return np.concatenate(costs), np.concatenate(accs)
+def grid_methods() -> list[dict]:
+    """Every config of the synthetic grid, as a ``method`` section."""
+    out = [{"name": "sgd"}] + [{"name": "sam", "rho": r} for r in GRID["rho"]]
+    for r, s, n, t in itertools.product(GRID["rho"], GRID["sparsity"], GRID["N_F"], GRID["T_m"]):
+        out.append({"name": "ssam_f", "rho": r, "sparsity": s, "N_F": n, "T_m": t})
+    for r, s, a in itertools.product(GRID["rho"], GRID["sparsity"], GRID["alpha"]):
+        out.append({"name": "ssam_d", "rho": r, "sparsity": s, "alpha": a})
+    return out
 
 
-def pareto(costs, accs) -> tuple[np.ndarray, np.ndarray]:
-    """The non-dominated (cost min, accuracy max) points, by increasing cost."""
-    costs, accs = np.asarray(costs, dtype=float), np.asarray(accs, dtype=float)
-    order = np.lexsort((-accs, costs))
-    keep, best = [], -np.inf
-    for i in order:
-        if accs[i] > best:
-            keep.append(i)
-            best = accs[i]
-    keep = np.array(keep, dtype=int)
-    return costs[keep], accs[keep]
+def write_table(path, epochs: int = 12, seeds=(0, 1, 2)) -> None:
+    """The model's curves over :func:`grid_methods` in the table format of
+    ``benchmarks/curves/README.md`` (noise drawn per seed as above; wall seconds synthetic)."""
+    from make_curves import COLUMNS, config_id
 
-
-def true_front() -> tuple[np.ndarray, np.ndarray]:
-    """The true front (cost relative to SGD, accuracy), by increasing cost."""
-    return pareto(*dense_sample())
-
-
-def hypervolume(costs, accs, acc_floor: float, cost_ceiling: float) -> float:
-    """Area dominated by the points above ``acc_floor`` and below ``cost_ceiling``."""
-    c, a = pareto(costs, accs)
-    inside = (a > acc_floor) & (c < cost_ceiling)
-    c, a = c[inside], a[inside]
-    if len(c) == 0:
-        return 0.0
-    widths = np.diff(np.append(c, cost_ceiling))
-    return float(np.sum(widths * (a - acc_floor)))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for method in grid_methods():
+            params = {f"method.{k}": v for k, v in method.items()}
+            th, ex, mask = cost_per_epoch({**{"sparsity": 0, "N_F": 0, "T_m": 1}, **method})
+            for seed in seeds:
+                for e in range(1, epochs + 1):
+                    val, test = noisy(method, seed, e, epochs)
+                    writer.writerow({
+                        "config": config_id(params), "seed": seed, "epoch": e, "epochs": epochs,
+                        "status": "completed" if e == epochs else "running",
+                        "name": method["name"], "granularity": "", **{k: method.get(k, "") for k in GRID},
+                        "val_acc": f"{val:.6g}", "test_acc": f"{test:.6g}",
+                        "flops_theoretical": f"{th * FLOPS_PER_EPOCH * e:.6g}",
+                        "flops_executed": f"{ex * FLOPS_PER_EPOCH * e:.6g}",
+                        "flops_mask": f"{mask * FLOPS_PER_EPOCH * e:.6g}",
+                        "epoch_seconds": f"{ex * SECONDS_PER_EPOCH:.6g}",
+                        "train_seconds": f"{ex * SECONDS_PER_EPOCH * e:.6g}",
+                    })

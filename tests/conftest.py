@@ -62,10 +62,14 @@ def _ray_sessions() -> set[str]:
 def pytest_configure(config):
     # Ray's session folders of this test run in a folder of its own: the check that a fast test
     # started no Ray is then blind to other Ray instances on the machine. Short (Ray's socket
-    # paths must fit in 107 bytes).
-    if "RAY_TMPDIR" not in os.environ:
+    # paths must fit in 107 bytes). Under pytest-xdist each worker gets its own (the workers
+    # inherit the controller's environment), so a fast test on one worker does not see the Ray
+    # that an e2e test on the other started.
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if "RAY_TMPDIR" not in os.environ or (worker and os.environ.get("SSAM_TUNE_TEST_RAY_TMPDIR")):
         config._ray_tmpdir = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(
-            prefix="rt", dir="/tmp" if os.path.isdir("/tmp") else None)
+            prefix=f"rt{worker or ''}", dir="/tmp" if os.path.isdir("/tmp") else None)
+        os.environ["SSAM_TUNE_TEST_RAY_TMPDIR"] = "1"  # ours, not the user's: workers make their own
 
 
 def pytest_unconfigure(config):
@@ -77,6 +81,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("e2e") is None and _STARTS_RAY.search(_sources(item)):
             item.add_marker(pytest.mark.e2e)
+        # `make test` runs two pytest-xdist workers with --dist loadgroup: the e2e tests one
+        # after the other on one worker (one Ray at a time, as on a user's laptop; kill points
+        # and timeouts sized for that), the rest on both, alongside.
+        if item.get_closest_marker("e2e") is not None:
+            item.add_marker(pytest.mark.xdist_group("e2e"))
 
 
 @pytest.fixture(autouse=True)

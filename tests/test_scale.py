@@ -94,11 +94,22 @@ def test_state_file_statuses_found_without_parsing_it(generated, monkeypatch, ch
 
 def test_fast_promote_is_the_reference_rule():
     def reference(recorded, new, rf):
+        if len(new) == 1:  # Ray's ASHA cutoff: the (1 - 1/rf) quantile, numpy's "linear" method
+            if not recorded:
+                return True
+            v = sorted(p[0] for p in recorded)
+            pos = (1 - 1 / rf) * (len(v) - 1)
+            a, b, t = v[math.floor(pos)], v[math.ceil(pos)], pos - math.floor(pos)
+            return new[0] >= (a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t))
         points = [tuple(p) for p in recorded] + [tuple(new)]
         ranks = nondominated_ranks(points)
         crowd = crowding_distances(points, ranks)
         me = len(points) - 1
-        ahead = sum(1 for j in range(me) if ranks[j] < ranks[me] or (ranks[j] == ranks[me] and crowd[j] > crowd[me]))
+
+        def further(x, y):  # equal within a relative 1e-9 (ranking.py's tolerance)
+            return x > y and not math.isclose(x, y, rel_tol=1e-9)
+
+        ahead = sum(1 for j in range(me) if ranks[j] < ranks[me] or (ranks[j] == ranks[me] and further(crowd[j], crowd[me])))
         return ahead <= len(points) / rf
 
     rng = random.Random(0)

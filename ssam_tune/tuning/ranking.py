@@ -13,14 +13,25 @@ trials already recorded there:
    exact for the theoretical cost (constant per epoch) and an estimate for wall time;
 2. within a front, by crowding distance computed on values min-max normalised over the
    rung, so that neither unit (accuracy ~1, FLOPs ~1e15) swamps the other and rescaling an
-   objective changes nothing. Tied values get the same distance (no order dependence);
+   objective changes nothing. Tied values get the same distance (no order dependence), and
+   two distances within a relative 1e-9 of each other count as equal: distances that are
+   equal in exact arithmetic (equal gaps, common when sparsity is searched on a grid and
+   theoretical FLOPs are linear in it) would otherwise be ordered by how the normalisation
+   rounds, which rescaling an objective or shifting it by a constant changes;
 3. the newcomer goes on iff at most ``n / rf`` of the ``n`` points (itself included) rank
    strictly ahead of it: a better front, or the same front and a larger crowding distance.
 
-With one objective every front is a set of equal values with infinite crowding distance,
-so the rule is exactly "at most n/rf recorded trials strictly better". A point's rank is
-compared, never its index in a sorted permutation, so a newcomer that dominates every
-recorded point always goes on.
+A point's rank is compared, never its index in a sorted permutation, so a newcomer that
+dominates every recorded point always goes on.
+
+**One objective** (``objective: single`` with ``scheduler: mo_asha``): the decision is Ray
+Tune's ``ASHAScheduler`` cutoff, the same arithmetic: the newcomer goes on iff its value is
+at least ``numpy.nanpercentile(recorded, 100 * (1 - 1 / rf))`` (linear interpolation; no
+recorded value: it goes on). This is not the rank rule above restricted to one dimension:
+with recorded [0.84] and rf 2, "at most n/rf strictly better" would let 0.52 go on (1 of 2
+ahead), while the cutoff is 0.84 and stops it; the interpolated cutoff depends on values,
+not only on their order, so no rank rule reproduces it. tests/test_schedulers.py checks the
+decisions against ``ASHAScheduler`` itself on random rungs.
 """
 
 from __future__ import annotations
@@ -29,7 +40,25 @@ import bisect
 import math
 from collections.abc import Sequence
 
-__all__ = ["crowding_distances", "nondominated_ranks", "promote"]
+import numpy as np
+
+__all__ = ["asha_cutoff", "crowding_distances", "nondominated_ranks", "promote"]
+
+# Crowding distances within this relative tolerance are equal (see the module doc, 2.).
+_CROWDING_RTOL = 1e-9
+
+
+def _further(a: float, b: float) -> bool:
+    """Crowding distance ``a`` strictly larger than ``b``, beyond rounding."""
+    return a > b and not math.isclose(a, b, rel_tol=_CROWDING_RTOL, abs_tol=0.0)
+
+
+def asha_cutoff(recorded: Sequence[float], reduction_factor: float) -> float | None:
+    """Ray Tune's ASHA cutoff at a rung: the ``1 - 1/rf`` quantile of the recorded values
+    (linear interpolation, NaN ignored); None when nothing is recorded."""
+    if not recorded:
+        return None
+    return float(np.nanpercentile(np.asarray(recorded, dtype=float), (1 - 1 / reduction_factor) * 100))
 
 
 # points are tuples to MAXIMISE
@@ -92,18 +121,21 @@ def promote(recorded: Sequence[Sequence[float]], newcomer: Sequence[float], redu
     The crowding distance is needed only within the newcomer's front."""
     points = [tuple(p) for p in recorded] + [tuple(newcomer)]
     me = len(points) - 1
+    if len(points[me]) == 1:  # one objective: Ray's ASHA (module doc)
+        cutoff = asha_cutoff([p[0] for p in points[:me]], reduction_factor)
+        return cutoff is None or points[me][0] >= cutoff
     if len(points[me]) > 2:
         ranks = nondominated_ranks(points)
         crowd = crowding_distances(points, ranks)
         ahead = sum(1 for j in range(me)
-                    if ranks[j] < ranks[me] or (ranks[j] == ranks[me] and crowd[j] > crowd[me]))
+                    if ranks[j] < ranks[me] or (ranks[j] == ranks[me] and _further(crowd[j], crowd[me])))
         return ahead <= len(points) / reduction_factor
     ranks = _ranks_2d(points)
     level = ranks[me]
     members = [i for i in range(len(points)) if ranks[i] == level]
     crowd = _crowding_of(points, members)
     ahead = sum(1 for j in range(me) if ranks[j] < level) + \
-        sum(1 for i in members if i != me and crowd[i] > crowd[me])
+        sum(1 for i in members if i != me and _further(crowd[i], crowd[me]))
     return ahead <= len(points) / reduction_factor
 
 

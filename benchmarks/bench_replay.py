@@ -1,0 +1,475 @@
+"""Search strategies replayed against a table of learning curves, through the real stack.
+
+Each search runs ``ssam_tune.run.run_search`` (Ray Tune, the Optuna searcher and samplers,
+MO-ASHA, the exports) with :func:`_search_replay.replay_trainable` in place of training: a
+sampled config is snapped to the table's nearest config and one of its recorded runs is
+reported epoch by epoch, so one search costs seconds and strategies can be compared over many
+seeds. Any table in the format of ``benchmarks/curves/README.md`` is an input (``--table``):
+the real curves of ``make_curves.py`` or the synthetic model's (``--synthetic`` writes it).
+
+Ground truth: the table's full-fidelity front, each config's final validation accuracy averaged
+over its recorded seeds (a diverged run counts as chance), its cost the theoretical FLOPs of a
+full run relative to SGD's. Scores per search, from the exported ``pareto.csv`` (completed
+full-fidelity trials), on **true values** (the exported configs' table means) and on the
+reported ones:
+
+- **HV/true**: hypervolume of the exported front over the true front's. Reference point:
+  accuracy = SGD's true accuracy (the front's gain over SGD), cost = 1.05 x the grid's most
+  expensive config.
+- **epochs**: all reported epochs as a percentage of the grid's (every config once, full run).
+
+Budgets: ``--budgets`` fractions of the grid's epochs, anchors included, enforced by a Ray Tune
+stopper (``num_samples`` is far above what a budget allows). Replay seed ``i`` is the search
+seed and picks the recorded run each config replays; the same for every strategy, so per-seed
+differences are paired. Strategies run interleaved per seed (the order rotating).
+
+The rung table (``--rungs``, no search needed): for each epoch, the Spearman rank correlation
+between a run's validation accuracy at that epoch and its final one, over all recorded runs and
+per method family, and the share of true-front configs whose runs rank below the median at that
+epoch (what an accuracy-only rung with reduction factor 2 would stop).
+
+    .venv/bin/python benchmarks/bench_replay.py --table benchmarks/curves/label_noise.csv \\
+        --seeds 20 | tee benchmarks/bench_replay_label_noise.txt
+    .venv/bin/python benchmarks/bench_replay.py --synthetic /tmp/syn.csv --seeds 20
+    .venv/bin/python benchmarks/bench_replay.py --rungs-only --table benchmarks/curves/label_noise.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _search_replay as rp
+from _common import header
+from _search_common import emit, fmt_ci, footer, fresh_ray_env, mean_ci, quiet
+
+NAME = Path(__file__).stem
+HERE = Path(__file__).resolve().parent
+COST_MARGIN = 1.05  # reference point's cost: this x the grid's most expensive config
+BASELINES = ["sgd", "sam", "ssam"]
+
+# Strategies: the tune: section each search runs with (on top of the common part below).
+# "today" is the default of ssam-tune before this benchmark (TPE, 10 random start-up trials,
+# MO-ASHA with the grace period at a quarter of the epochs and reduction factor 3).
+STRATEGIES: dict[str, dict] = {
+    "random": {"sampler": "random", "scheduler": "none"},
+    "tpe": {"sampler": "tpe", "n_startup_trials": 10, "scheduler": "none"},
+    "today": {"sampler": "tpe", "n_startup_trials": 10, "scheduler": {"type": "mo_asha", "reduction_factor": 3}},
+}
+
+
+# -------------------------------------------------------------------------------------------------
+# the ground truth
+# -------------------------------------------------------------------------------------------------
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The non-dominated (cost min, accuracy max) points, by increasing cost."""
+    out, best = [], -math.inf
+    for c, a in sorted(points, key=lambda p: (p[0], -p[1])):
+        if a > best:
+            out.append((c, a))
+            best = a
+    return out
+
+
+def hypervolume(points: list[tuple[float, float]], floor: float, ceiling: float) -> float:
+    """Area dominated by the points above accuracy ``floor`` and below cost ``ceiling``."""
+    front = [(c, a) for c, a in pareto(points) if a > floor and c < ceiling]
+    area = 0.0
+    for i, (c, a) in enumerate(front):
+        nxt = front[i + 1][0] if i + 1 < len(front) else ceiling
+        area += (nxt - c) * (a - floor)
+    return area
+
+
+class Truth:
+    """The table's true front and the scoring against it."""
+
+    def __init__(self, table: rp.Table) -> None:
+        self.table = table
+        sgd = [c for c, p in table.params.items() if p["name"] == "sgd"]
+        if not sgd:
+            raise SystemExit(f"{table.path}: the table needs the SGD run (costs are relative to it)")
+        self.unit = table.cost(sgd[0])
+        self.floor = table.final(sgd[0])
+        self.points = {c: (table.cost(c) / self.unit, table.final(c)) for c in table.params}
+        self.ceiling = COST_MARGIN * max(c for c, _ in self.points.values())
+        self.front = pareto(list(self.points.values()))
+        self.front_configs = {c for c, p in self.points.items() if p in self.front}
+        self.hv = hypervolume(list(self.points.values()), self.floor, self.ceiling)
+
+    def hv_ratio(self, points: list[tuple[float, float]]) -> float:
+        return hypervolume(points, self.floor, self.ceiling) / self.hv if points and self.hv > 0 else 0.0
+
+
+# -------------------------------------------------------------------------------------------------
+# the searches
+# -------------------------------------------------------------------------------------------------
+def search_block(table: rp.Table) -> dict:
+    """The searched space: every method of the table, each key over the table's range."""
+    params = list(table.params.values())
+
+    def values(key):
+        return sorted({p[key] for p in params if p[key] is not None})
+
+    methods = sorted({p["name"] for p in params} - {"sgd"})  # SGD is an anchor of every search
+    block = {"method.name": {"type": "choice", "values": methods}}
+    rho, sparsity, alpha = values("rho"), values("sparsity"), values("alpha")
+    if rho:
+        block["method.rho"] = {"type": "loguniform", "low": rho[0], "high": rho[-1]}
+    if sparsity:
+        block["method.sparsity"] = {"type": "uniform", "low": sparsity[0], "high": sparsity[-1]}
+    for key in ("N_F", "T_m"):
+        if values(key):
+            block[f"method.{key}"] = {"type": "choice", "values": [int(v) for v in values(key)]}
+    if alpha:
+        block["method.alpha"] = {"type": "uniform", "low": alpha[0], "high": alpha[-1]}
+    grains = sorted({p["granularity"] for p in params if p["granularity"]})
+    if len(grains) > 1:
+        block["method.granularity"] = {"type": "choice", "values": grains}
+    return block
+
+
+def space_dict(strategy: str, name: str, seed: int, table: rp.Table, num_samples: int) -> dict:
+    return {
+        "name": name, "seed": seed,
+        # the replay reads only the method section, the epochs and the seed; the rest is valid filler
+        "model": {"name": "resnet18", "width": 0.0625},
+        "data": {"name": "embedded", "train_size": 256, "val_fraction": 0.1},
+        "train": {"epochs": table.epochs, "batch_size": 64},
+        # the anchors' settings: SAM and SSAM at the quickstart's rho 0.05, SSAM-F 50% / N_F 128 / T_m 1
+        "method": {"name": "ssam_f", "rho": 0.05, "sparsity": 0.5, "N_F": 128, "T_m": 1, "alpha": 0.5},
+        "search": search_block(table),
+        "tune": {"objective": "multi", "flops": "theoretical", "resources": {"cpu": 1}, "max_concurrent_trials": 2,
+                 "max_failures": 0, "num_samples": num_samples, "seed": seed, "baselines": list(BASELINES),
+                 **STRATEGIES[strategy]},
+    }
+
+
+def read_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def table_config(trial: dict, table: rp.Table) -> str | None:
+    """The table config a trial replayed, from its config columns in trials.csv (the replay's
+    own ``table_config`` report is a string, which the exports leave out)."""
+    method = {}
+    for key, value in trial.items():
+        if key.startswith("method.") and value != "":
+            name = key.split(".", 1)[1]
+            method[name] = value if name in ("name", "granularity", "drop", "normalize", "tensor_score",
+                                             "mask_unit", "fisher_bn", "bn_second_pass", "fixed_mask") else float(value)
+    return table.snap(method) if "name" in method else None  # a trial that never started has no config
+
+
+def score(out: Path, truth: Truth, epochs: int) -> dict:
+    trials = read_csv(out / "trials.csv")
+    for t in trials:
+        t["table_config"] = table_config(t, truth.table)
+    by_id = {t["trial_id"]: t for t in trials}
+    front = [p for p in read_csv(out / "pareto.csv") if int(p["epochs"]) >= epochs]
+    reported, true = [], []
+    for p in front:
+        t = by_id[p["trial_id"]]
+        cost = float(p["flops_theoretical"]) / truth.unit
+        reported.append((cost, float(p["val_acc"])))
+        true.append(truth.points[t["table_config"]])
+    pruned: dict[int, int] = {}
+    front_pruned: dict[int, int] = {}
+    for t in trials:
+        if t["status"] == "pruned":
+            e = int(t["epochs_reached"] or 0)
+            pruned[e] = pruned.get(e, 0) + 1
+            if t.get("table_config") in truth.front_configs:
+                front_pruned[e] = front_pruned.get(e, 0) + 1
+    return {
+        "hv_rep": truth.hv_ratio(reported), "hv_true": truth.hv_ratio(true),
+        "epochs": sum(int(t["epochs_reached"] or 0) for t in trials), "trials": len(trials),
+        "completed": sum(t["status"] == "completed" for t in trials), "front": len(front),
+        "pruned": pruned, "front_pruned": front_pruned,
+        "front_found": len({by_id[p["trial_id"]]["table_config"] for p in front} & truth.front_configs),
+    }
+
+
+def budget_recorder(budgets: list[int], epochs: int):
+    """A Ray Tune ``Stopper`` that ends the search at the largest budget (epochs reported, as
+    ``_search_common.epoch_budget_stopper`` counts them) and, as the count passes each smaller
+    one, records the trials completed at full fidelity so far. A search does not know its
+    budget (``num_samples`` is far above it), so that record is what a search given the smaller
+    budget would have finished: one search scores every budget."""
+    from ray.tune.stopper import Stopper
+
+    class BudgetRecorder(Stopper):
+        def __init__(self) -> None:
+            self.seen: set = set()
+            self.done: dict[str, tuple[str, float, float]] = {}  # trial -> (table config, val_acc, flops)
+            self.snapshots: dict[int, dict] = {}
+
+        def __call__(self, trial_id, result) -> bool:
+            epoch = result.get("epoch")
+            if epoch is not None:
+                self.seen.add((trial_id, epoch))
+            # completed as the exports count it: the function returned (Ray's second pass of the
+            # last result, done=True); a trial stopped at its last report by stop_all is not
+            if epoch == epochs and result.get("status") == "completed" and result.get("done"):
+                self.done[trial_id] = (result["table_config"], float(result["val_acc"]),
+                                       float(result["flops_theoretical"]))
+            for b in budgets:
+                if b not in self.snapshots and len(self.seen) >= b:
+                    self.snapshots[b] = dict(self.done)
+            return False
+
+        def stop_all(self) -> bool:
+            return len(self.seen) >= max(budgets)
+
+    return BudgetRecorder()
+
+
+def score_snapshot(done: dict, truth: Truth) -> dict:
+    """Scores of the front the trials completed within a budget make, as ``score`` scores the
+    exported one: HV of its reported values, and of its configs' true values."""
+    reported = [(flops / truth.unit, acc) for _, acc, flops in done.values()]
+    on_front = set(pareto(reported))
+    front = {cid for (cid, acc, flops) in done.values() if (flops / truth.unit, acc) in on_front}
+    return {"hv_rep": truth.hv_ratio(reported), "hv_true": truth.hv_ratio([truth.points[c] for c in front]),
+            "front_found": len(front & truth.front_configs), "completed": len(done)}
+
+
+def run_one(strategy: str, seed: int, budgets: list[int], truth: Truth, tmp: Path, num_samples: int) -> dict:
+    """One search up to the largest budget; a score per budget (the largest one also from the
+    exports, as a check of the recorder)."""
+    from ssam_tune.run import run_search
+    from ssam_tune.tuning.space import load_space
+
+    name = f"{strategy.replace('+', '-')}-s{seed}"
+    data = space_dict(strategy, name, seed, truth.table, num_samples)
+    space = load_space(tmp / f"{name}.yaml", data=data)
+    recorder = budget_recorder(budgets, truth.table.epochs)
+    t0 = time.perf_counter()
+    with quiet():
+        out = run_search(space, storage=str(tmp / "ray"), resume=False, results=str(tmp / "results"),
+                         trainable=rp.replay_trainable, stop=recorder)
+    wall = time.perf_counter() - t0
+    exported = score(out, truth, truth.table.epochs)
+    if os.environ.get("REPLAY_DEBUG"):
+        rows = read_csv(out / "trials.csv")
+        comp = {t["trial_id"]: (t["label"], t["val_acc"], table_config(t, truth.table)) for t in rows
+                if t["status"] == "completed"}
+        for k in sorted(set(comp) | set(recorder.done)):
+            print("DEBUG", k, comp.get(k), recorder.done.get(k), file=sys.stderr)
+    res = {}
+    for b in budgets:
+        res[b] = score_snapshot(recorder.snapshots.get(b, recorder.done), truth)
+        res[b]["wall"] = wall
+    top = res[max(budgets)]
+    top.update({k: exported[k] for k in ("epochs", "trials", "pruned", "front_pruned")})
+    top["export_hv_true"] = exported["hv_true"]
+    for b in budgets:
+        res[b].setdefault("epochs", b)
+        res[b].setdefault("trials", float("nan"))
+    shutil.rmtree(tmp / "ray" / name, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+# -------------------------------------------------------------------------------------------------
+# the rung table
+# -------------------------------------------------------------------------------------------------
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return num / den if den > 0 else float("nan")
+
+
+FAMILIES = {"sgd": "sgd", "sam": "sam", "sam_on": "sam_on", "ssam_random": "ssam_random", "ssam_d": "ssam_d"}
+
+
+def family(p: dict) -> str:
+    return f"ssam_f {p['granularity'] or 'element'}" if p["name"] == "ssam_f" else FAMILIES.get(p["name"], p["name"])
+
+
+def rung_table(table: rp.Table, truth: Truth) -> None:
+    """Per epoch: rank correlation of accuracy there with final accuracy (completed runs), and
+    the share of true-front configs an accuracy-only rung (keep the top half) would stop."""
+    runs = [(cid, rows) for cid, seeds in table.runs.items() for rows in seeds.values()
+            if rows[-1]["status"] == "completed" and int(rows[-1]["epoch"]) == table.epochs]
+    fams = sorted({family(table.params[c]) for c, _ in runs})
+    emit(f"rung correlation: Spearman rho between val_acc at epoch e and final val_acc, over the {len(runs)} "
+         f"completed runs (all) and per method family; 'front cut': share of the {len(truth.front_configs)} "
+         "true-front configs' runs below the median val_acc at e (an accuracy-only rung, reduction factor 2, "
+         "would stop them)")
+    cols = ["epoch", "all", *fams, "front cut"]
+    emit("  ".join(f"{c:>16}" if i else f"{c:>5}" for i, c in enumerate(cols)))
+    for e in range(1, table.epochs):
+        at = [(c, float(rows[e - 1]["val_acc"]), float(rows[-1]["val_acc"])) for c, rows in runs
+              if len(rows) >= e and int(rows[e - 1]["epoch"]) == e]
+        cells = [f"{e:>5}", f"{spearman([a for _, a, _ in at], [f for _, _, f in at]):>16.3f}"]
+        for fam in fams:
+            sub = [(a, f) for c, a, f in at if family(table.params[c]) == fam]
+            cells.append(f"{spearman([a for a, _ in sub], [f for _, f in sub]):>16.3f}" if len(sub) >= 12 else
+                         f"{'-':>16}")
+        median = statistics.median(a for _, a, _ in at)
+        on_front = [a for c, a, _ in at if c in truth.front_configs]
+        cut = sum(a < median for a in on_front) / len(on_front) if on_front else float("nan")
+        cells.append(f"{cut:>16.2f}")
+        emit("  ".join(cells))
+
+
+# -------------------------------------------------------------------------------------------------
+# the report
+# -------------------------------------------------------------------------------------------------
+def report(results: dict, budgets: list[float], grid_epochs: int, strategies: list[str]) -> None:
+    for b in budgets:
+        emit("")
+        emit(f"budget {100 * b:.0f}% of the grid's epochs: mean [95% interval over seeds]")
+        emit(f"{'strategy':<14}{'HV/true true values':<26}{'HV/true reported':<26}{'epochs % grid':<18}"
+             f"{'trials (compl.)':<17}{'front configs found':<21}wall s")
+        for s in strategies:
+            runs = results[(s, b)]
+            if not runs:
+                continue
+            ep = [100.0 * r["epochs"] / grid_epochs for r in runs]
+            trials = [r["trials"] for r in runs if r["trials"] == r["trials"]]
+            count = (f"{statistics.fmean(trials):.0f} " if trials else "- ") + \
+                f"({statistics.fmean(r['completed'] for r in runs):.0f})"
+            emit(f"{s:<14}{fmt_ci([r['hv_true'] for r in runs]):<26}{fmt_ci([r['hv_rep'] for r in runs]):<26}"
+                 f"{statistics.fmean(ep):<18.1f}{count:<17}"
+                 f"{statistics.fmean(r['front_found'] for r in runs):<21.1f}"
+                 f"{statistics.fmean(r['wall'] for r in runs):.0f}")
+        for s in strategies:
+            pruned: dict[int, int] = {}
+            front: dict[int, int] = {}
+            for r in results[(s, b)]:
+                for total, part in ((pruned, r.get("pruned", {})), (front, r.get("front_pruned", {}))):
+                    for k, v in part.items():
+                        total[k] = total.get(k, 0) + v
+            if pruned:
+                emit(f"  {s}: pruned trials by epochs reached {dict(sorted(pruned.items()))}; of them true-front "
+                     f"configs {dict(sorted(front.items()))}")
+
+
+def paired(results: dict, budgets: list[float], strategies: list[str], ref: str) -> list[str]:
+    lines = []
+    for b in budgets:
+        for other in strategies:
+            if other == ref or not results[(ref, b)] or not results[(other, b)]:
+                continue
+            n = min(len(results[(ref, b)]), len(results[(other, b)]))
+            diffs = [results[(ref, b)][i]["hv_true"] - results[(other, b)][i]["hv_true"] for i in range(n)]
+            m, lo, hi = mean_ci(diffs)
+            lines.append(f"  budget {100 * b:.0f}%: {ref} minus {other}, HV/true on true values: {m:+.4f} "
+                         f"[{lo:+.4f}, {hi:+.4f}], {ref} ahead in {sum(d > 0 for d in diffs)}/{n}")
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--table", type=Path, default=HERE / "curves" / "label_noise.csv")
+    ap.add_argument("--synthetic", type=Path, help="write the synthetic model's table here and replay it")
+    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--first-seed", type=int, default=0, help="replay seeds first..first+seeds-1 (choose a "
+                    "strategy on other seeds than those it is evaluated on)")
+    ap.add_argument("--budgets", default="0.2,0.35", help="comma-separated fractions of the grid's epochs")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--ref", default=None, help="the strategy the paired differences are taken from "
+                    "(default: the last of --strategies)")
+    ap.add_argument("--num-samples", type=int, default=2000)
+    ap.add_argument("--rungs-only", action="store_true", help="print the rung table and stop (no search)")
+    args = ap.parse_args()
+    if args.synthetic:
+        import _search_synthetic as syn
+
+        syn.write_table(args.synthetic)
+        args.table = args.synthetic
+    strategies = [s for s in args.strategies.split(",") if s]
+    unknown = set(strategies) - set(STRATEGIES)
+    if unknown:
+        ap.error(f"unknown strategies {sorted(unknown)}; choose from {', '.join(STRATEGIES)}")
+    budgets = [float(b) for b in args.budgets.split(",")]
+    ref = args.ref or strategies[-1]
+
+    table = rp.load_table(str(args.table.resolve()))
+    truth = Truth(table)
+    grid_epochs = len(table.params) * table.epochs
+    header(emit, NAME, packages=("ray", "optuna"))
+    emit(f"# table {args.table} ({len(table.params)} configs x {len(table.seeds)} seeds, {table.epochs} epochs): "
+         f"grid {grid_epochs} epochs")
+    emit(f"# true front ({len(truth.front)} configs; cost x SGD: mean final val_acc): " +
+         ", ".join(f"{c:.2f}: {a:.4f}" for c, a in truth.front))
+    emit(f"# reference point: accuracy {truth.floor:.4f} (SGD), cost {truth.ceiling:.2f}x SGD; true HV {truth.hv:.6f}")
+    emit("")
+    rung_table(table, truth)
+    if args.rungs_only:
+        return 0
+    fresh_ray_env()
+    os.environ[rp.TABLE_ENV] = str(args.table.resolve())
+    emit("")
+    emit(f"# searches: replay seeds {args.first_seed}..{args.first_seed + args.seeds - 1}, budgets "
+         f"{', '.join(f'{100 * b:.0f}% ({int(b * grid_epochs)} epochs)' for b in budgets)}, 2 trials at a time; "
+         f"strategies (tune: on top of objective multi, flops theoretical, anchors {BASELINES}):")
+    for s in strategies:
+        emit(f"#   {s}: {STRATEGIES[s]}")
+    results: dict = {(s, b): [] for s in strategies for b in budgets}
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="breplay_") as d:
+        tmp = Path(d)
+        os.environ["RAY_TMPDIR"] = str(tmp / "rt")
+        (tmp / "rt").mkdir()
+        import ray
+
+        # one Ray for every search (run_search runs in a Ray this process started): starting
+        # Ray takes longer than a replayed search
+        with quiet():
+            ray.init(address="local", num_cpus=2, include_dashboard=False)
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            k = seed % len(strategies)
+            for strategy in strategies[k:] + strategies[:k]:
+                res = run_one(strategy, seed, [int(b * grid_epochs) for b in budgets], truth, tmp,
+                              args.num_samples)
+                for b in budgets:
+                    results[(strategy, b)].append(res[int(b * grid_epochs)])
+                top = res[int(max(budgets) * grid_epochs)]
+                print(f"[{time.perf_counter() - t_start:6.0f} s] seed {seed} {strategy}: HV/true " +
+                      ", ".join(f"{100 * b:.0f}% {res[int(b * grid_epochs)]['hv_true']:.3f}" for b in budgets) +
+                      f" (export {top['export_hv_true']:.3f}), {top['epochs']} epochs, {top['trials']} trials, "
+                      f"{top['wall']:.0f} s", file=sys.stderr, flush=True)
+        ray.shutdown()
+    report(results, budgets, grid_epochs, strategies)
+    emit("")
+    emit("paired differences on true values, mean [95% interval]:")
+    for line in paired(results, budgets, strategies, ref):
+        emit(line)
+    emit("")
+    footer(t_start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
