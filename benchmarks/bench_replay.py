@@ -55,6 +55,20 @@ HERE = Path(__file__).resolve().parent
 COST_MARGIN = 1.05  # reference point's cost: this x the grid's most expensive config
 BASELINES = ["sgd", "sam", "ssam"]
 
+# The paper's settings (Mi et al. 2022: N_F 128, T_m 1, alpha 0.5, sparsity 50-98% in Tables 1
+# and 5-6; rho 0.05 for VGG, Table 4), as tune.enqueue entries. The 50% SSAM-F one is the
+# "ssam" anchor already.
+PAPER = [
+    {"method.name": "ssam_f", "method.granularity": "element", "method.sparsity": 0.9, "method.rho": 0.05,
+     "method.N_F": 128, "method.T_m": 1},
+    {"method.name": "ssam_f", "method.granularity": "element", "method.sparsity": 0.98, "method.rho": 0.05,
+     "method.N_F": 128, "method.T_m": 1},
+    {"method.name": "ssam_d", "method.granularity": "element", "method.sparsity": 0.5, "method.rho": 0.05,
+     "method.alpha": 0.5},
+    {"method.name": "ssam_d", "method.granularity": "element", "method.sparsity": 0.9, "method.rho": 0.05,
+     "method.alpha": 0.5},
+]
+
 # Strategies: the tune: section each search runs with (on top of the common part below).
 # "today" is the default of ssam-tune before this benchmark (TPE, 10 random start-up trials,
 # MO-ASHA with the grace period at a quarter of the epochs and reduction factor 3).
@@ -62,6 +76,16 @@ STRATEGIES: dict[str, dict] = {
     "random": {"sampler": "random", "scheduler": "none"},
     "tpe": {"sampler": "tpe", "n_startup_trials": 10, "scheduler": "none"},
     "today": {"sampler": "tpe", "n_startup_trials": 10, "scheduler": {"type": "mo_asha", "reduction_factor": 3}},
+    # candidates: rungs where the rung table says accuracy predicts the final one
+    "tpe+late": {"sampler": "tpe", "n_startup_trials": 10,
+                 "scheduler": {"type": "mo_asha", "grace_period": "2/3", "reduction_factor": 3}},
+    "tpe+late2": {"sampler": "tpe", "n_startup_trials": 10,
+                  "scheduler": {"type": "mo_asha", "grace_period": "1/2", "reduction_factor": 2}},
+    "tpe+paper": {"sampler": "tpe", "n_startup_trials": 10, "scheduler": "none", "enqueue": PAPER},
+    "tpe+late+paper": {"sampler": "tpe", "n_startup_trials": 10, "enqueue": PAPER,
+                       "scheduler": {"type": "mo_asha", "grace_period": "2/3", "reduction_factor": 3}},
+    "random+late": {"sampler": "random",
+                    "scheduler": {"type": "mo_asha", "grace_period": "2/3", "reduction_factor": 3}},
 }
 
 
@@ -136,6 +160,17 @@ def search_block(table: rp.Table) -> dict:
     return block
 
 
+def _tune(strategy: str, epochs: int) -> dict:
+    """A strategy's tune: settings, a grace period given as a fraction ("2/3") resolved to epochs."""
+    tune = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+            for k, v in STRATEGIES[strategy].items()}
+    sched = tune.get("scheduler")
+    if isinstance(sched, dict) and isinstance(sched.get("grace_period"), str):
+        num, den = sched["grace_period"].split("/")
+        sched["grace_period"] = max(1, math.ceil(epochs * int(num) / int(den)))
+    return tune
+
+
 def space_dict(strategy: str, name: str, seed: int, table: rp.Table, num_samples: int) -> dict:
     return {
         "name": name, "seed": seed,
@@ -148,7 +183,7 @@ def space_dict(strategy: str, name: str, seed: int, table: rp.Table, num_samples
         "search": search_block(table),
         "tune": {"objective": "multi", "flops": "theoretical", "resources": {"cpu": 1}, "max_concurrent_trials": 2,
                  "max_failures": 0, "num_samples": num_samples, "seed": seed, "baselines": list(BASELINES),
-                 **STRATEGIES[strategy]},
+                 **_tune(strategy, table.epochs)},
     }
 
 
@@ -218,9 +253,9 @@ def budget_recorder(budgets: list[int], epochs: int):
             epoch = result.get("epoch")
             if epoch is not None:
                 self.seen.add((trial_id, epoch))
-            # completed as the exports count it: the function returned (Ray's second pass of the
-            # last result, done=True); a trial stopped at its last report by stop_all is not
-            if epoch == epochs and result.get("status") == "completed" and result.get("done"):
+            # a trial's last epoch, reported before the count passed the budget: the search
+            # given that budget ends with it completed
+            if epoch == epochs and result.get("status") == "completed":
                 self.done[trial_id] = (result["table_config"], float(result["val_acc"]),
                                        float(result["flops_theoretical"]))
             for b in budgets:
@@ -260,14 +295,11 @@ def run_one(strategy: str, seed: int, budgets: list[int], truth: Truth, tmp: Pat
                          trainable=rp.replay_trainable, stop=recorder)
     wall = time.perf_counter() - t0
     exported = score(out, truth, truth.table.epochs)
-    if os.environ.get("REPLAY_DEBUG"):
-        rows = read_csv(out / "trials.csv")
-        comp = {t["trial_id"]: (t["label"], t["val_acc"], table_config(t, truth.table)) for t in rows
-                if t["status"] == "completed"}
-        for k in sorted(set(comp) | set(recorder.done)):
-            print("DEBUG", k, comp.get(k), recorder.done.get(k), file=sys.stderr)
     res = {}
     for b in budgets:
+        # the record when the count passed b (the whole record if the search ended before:
+        # num_samples reached). The exports of the largest budget can hold one or two trials
+        # more: those whose last epoch arrived after stop_all turned true, before Tune stopped them.
         res[b] = score_snapshot(recorder.snapshots.get(b, recorder.done), truth)
         res[b]["wall"] = wall
     top = res[max(budgets)]

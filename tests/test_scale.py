@@ -109,7 +109,8 @@ def test_fast_promote_is_the_reference_rule():
         def further(x, y):  # equal within a relative 1e-9 (ranking.py's tolerance)
             return x > y and not math.isclose(x, y, rel_tol=1e-9)
 
-        ahead = sum(1 for j in range(me) if ranks[j] < ranks[me] or (ranks[j] == ranks[me] and further(crowd[j], crowd[me])))
+        ahead = sum(1 for j in range(me)
+                    if ranks[j] < ranks[me] or (ranks[j] == ranks[me] and further(crowd[j], crowd[me])))
         return ahead <= len(points) / rf
 
     rng = random.Random(0)

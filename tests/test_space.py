@@ -87,6 +87,13 @@ def test_space_round_trips_through_its_dump(tmp_path):
     assert dumped["tune"]["retain_checkpoints"] == "all" and "retain_checkpoints" not in space_to_dict(space)["tune"]
     write_yaml(tmp_path / "all2.yaml", dumped)
     assert load_space(tmp_path / "all2.yaml").tune.retain_checkpoints == "all"
+    # tune.enqueue is written when given, and survives the smoke shrink where the space still allows it
+    data["tune"]["enqueue"] = [{"method.name": "ssam_f", "method.N_F": 8, "method.sparsity": 0.9}]
+    written = load_space(write_yaml(tmp_path / "enq.yaml", data))
+    assert "enqueue" not in space_to_dict(space)["tune"]
+    again = load_space(write_yaml(tmp_path / "enq2.yaml", space_to_dict(written)))
+    assert again.tune.enqueue == written.tune.enqueue == data["tune"]["enqueue"]
+    assert smoke(again).tune.enqueue == [{"method.name": "ssam_f", "method.sparsity": 0.9}]  # N_F 8 not in (16, 64)
 
 
 def test_cases_cross_seeds(tmp_path):

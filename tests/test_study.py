@@ -298,3 +298,33 @@ def test_errored_trial_stopped_at_its_first_result_after_resume_is_pruned(tmp_pa
     old, new = study_of(space, tmp_path).trials
     assert (old.state.name, old.user_attrs["status"]) == ("FAIL", "errored")
     assert (new.state.name, new.user_attrs["status"], new.user_attrs["retry_of"]) == ("PRUNED", "pruned", 0)
+
+
+def test_enqueued_configs_are_the_first_proposals_then_the_sampler(tmp_path):
+    first = [{"method.name": "ssam_f", "method.sparsity": 0.9, "method.rho": 0.1, "method.N_F": 16},
+             {"method": {"name": "ssam_d", "sparsity": 0.5}}]  # nested like the YAML's sections; rho is sampled
+    space = make_space(tmp_path, num_samples=4, enqueue=first)
+    assert space.tune.enqueue[1] == {"method.name": "ssam_d", "method.sparsity": 0.5}
+    assert "2 enqueued configs (tune.enqueue), then tpe" in space.tune.describe_sampler(space.epochs)
+    s = SsamSearcher(space, Experiment(str(tmp_path)))
+    proposals = [s.suggest(f"t{i}")["ssam_tune"]["params"] for i in range(4)]
+    assert proposals[0] == first[0]
+    assert proposals[1]["method.name"] == "ssam_d" and proposals[1]["method.sparsity"] == 0.5
+    assert 0.02 <= proposals[1]["method.rho"] <= 0.5 and set(proposals[1]) == {"method.name", "method.sparsity",
+                                                                              "method.rho"}
+    assert [t.user_attrs.get("enqueued") for t in study_of(space, tmp_path).trials] == [0, 1, None, None]
+
+
+def test_enqueue_refuses_what_the_space_cannot_propose(tmp_path):
+    cases = [
+        ([{"method.sparsity": 0.9}], "tune.enqueue[0]: must give method.name"),
+        ([{"method.name": "sgd"}], "tune.enqueue[0].method.name: must be one of the searched values"),
+        ([{"method.name": "sam", "method.rho": 0.9}], "tune.enqueue[0].method.rho: must lie in the searched range"),
+        ([{"method.name": "sam", "method.sparsity": 0.9}], "tune.enqueue[0].method.sparsity: does not apply to "
+                                                          "method sam"),
+        ([{"method.name": "sam", "train.lr": 0.1}], "tune.enqueue[0].train.lr: is not a searched key"),
+        (["ssam_f"], "tune.enqueue[0]: must be a non-empty mapping"),
+    ]
+    for entries, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            make_space(tmp_path, enqueue=entries)

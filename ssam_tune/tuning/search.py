@@ -157,6 +157,12 @@ class SsamSearcher(Searcher):
             kind = "case" if self.space.mode == "cases" else "baseline"
             meta.update(kind=kind, label=label, anchor=kind == "baseline", optuna_number=None)
         elif self.space.mode == "search" and self._sampled < self.space.tune.num_samples:
+            first = getattr(self.space.tune, "enqueue", None) or []
+            if self._sampled < len(first):
+                # tune.enqueue: enqueued right before the ask that takes it, so a retry's
+                # enqueue-and-ask (_retried) never meets a waiting trial of ours
+                self.study.enqueue_trial(dict(first[self._sampled]), user_attrs={"enqueued": self._sampled},
+                                         skip_if_exists=False)
             trial = self.study.ask()
             params = sample_params(self.space, trial)
             trial.set_user_attr("ray_trial_id", trial_id)

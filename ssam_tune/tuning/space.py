@@ -107,6 +107,9 @@ class TuneSettings:
     reduction_factor: float = field(default=3.0, metadata=rule(lo=1.0, lo_open=True,
                                                                yaml_key="scheduler.reduction_factor"))
     baselines: list = field(default_factory=lambda: list(BASELINES), metadata=rule())
+    # configs the sampler proposes first (Optuna's enqueue_trial), e.g. the paper's settings:
+    # mappings of searched keys to values; a key an entry leaves out is sampled
+    enqueue: list = field(default_factory=list, metadata=rule())
     # > 1: a data-parallel trial on Ray Train; cpu and gpu are per worker
     workers: int = field(default=1, metadata=rule(lo=1, hi=4096, yaml_key="resources.workers"))
     cpu: float = field(default=1.0, metadata=rule(lo=0.0, lo_open=True, yaml_key="resources.cpu"))
@@ -164,6 +167,12 @@ class TuneSettings:
 
     def describe_sampler(self, epochs: int) -> str:
         """The sampler and the settings it uses (only those)."""
+        first = getattr(self, "enqueue", None)  # absent from an instance pickled by an older version
+        if first:
+            return f"{len(first)} enqueued configs (tune.enqueue), then {self._describe_sampler(epochs)}"
+        return self._describe_sampler(epochs)
+
+    def _describe_sampler(self, epochs: int) -> str:
         if self.sampler == "tpe":
             return f"tpe (seed {self.seed}, {self.n_startup_trials} random start-up trials)"
         if self.sampler == "nsga2":
@@ -469,6 +478,7 @@ def _parse_space(raw: Any, source: str, stem: str, check_paths: bool = True, sto
                               "(for example 0.1)")
         search = [_parse_dist(str(k), v, base) for k, v in search_raw.items()]
         _check_conditionals(search, base)
+        tune.enqueue = _parse_enqueue(tune.enqueue, search, base)
         if "seeds" in raw:
             raise ConfigError("seeds", "only applies to cases; a search samples configs once each "
                               "(use tune.confirm for seeds of the winners)")
@@ -501,6 +511,8 @@ def _parse_space(raw: Any, source: str, stem: str, check_paths: bool = True, sto
             except ConfigError as err:
                 raise ConfigError(f"cases[{i}].{err.path}", err.rule) from None
             cases.append(flat)
+        if tune.enqueue:
+            raise ConfigError("tune.enqueue", "only applies to a search (a sampled space); cases are run as listed")
         tune.baselines = []
         tune.num_samples = len(cases) * len(seeds)
     return SearchSpace(name=name, source=source, base=base, search=search, cases=cases,
@@ -529,6 +541,39 @@ def _check_workers(t: TuneSettings, train, search_raw) -> None:
             raise ConfigError("train.batch_size", f"{size} does not split evenly over tune.resources.workers="
                               f"{t.workers}: use a multiple of {t.workers} (train.batch_size is the global "
                               "batch; each worker takes batch_size / workers of it)")
+
+
+def _parse_enqueue(entries: list, search: list, base: dict) -> list[dict]:
+    """``tune.enqueue``: each entry a mapping of searched keys to values inside their
+    distributions; ``method.name`` is required when it is searched, and every other key must
+    apply to that method."""
+    dists = {d.key: d for d in search}
+    out = []
+    for i, entry in enumerate(entries):
+        path = f"tune.enqueue[{i}]"
+        if not isinstance(entry, dict) or not entry:
+            raise ConfigError(path, "must be a non-empty mapping of searched keys to values, like "
+                              "{method.name: ssam_f, method.sparsity: 0.9}")
+        flat = flatten(entry, sections=SECTIONS)
+        if "method.name" in dists and "method.name" not in flat:
+            raise ConfigError(path, "must give method.name (it is searched, and the other keys depend on it)")
+        method = flat.get("method.name", base["method"]["name"])
+        for key, value in flat.items():
+            where = f"{path}.{key}"
+            if key not in dists:
+                raise ConfigError(where, f"is not a searched key; the searched keys are {', '.join(dists)}")
+            d = dists[key]
+            if d.type == "choice":
+                if value not in d.values:
+                    raise ConfigError(where, f"must be one of the searched values {list(d.values)}, got {value!r}")
+            else:
+                number = _num(value, where, integer=d.type == "int")
+                if not d.low <= number <= d.high:
+                    raise ConfigError(where, f"must lie in the searched range [{d.low}, {d.high}], got {value!r}")
+            if key != "method.name" and not applies(key, method):
+                raise ConfigError(where, f"does not apply to method {method}; remove it")
+        out.append(flat)
+    return out
 
 
 def _check_conditionals(search: list, base: dict) -> None:
@@ -566,6 +611,8 @@ def space_to_dict(space: SearchSpace) -> dict:
         "scheduler": {"type": t.scheduler, "grace_period": t.grace_period, "reduction_factor": t.reduction_factor}
         if t.scheduler != "none" else "none",
         "baselines": list(t.baselines) or False,
+        # written only when given, so older versions still read (export) the file
+        **({"enqueue": copy.deepcopy(t.enqueue)} if getattr(t, "enqueue", None) else {}),
         # workers written only when > 1, so older versions still read (export) the file
         "resources": {**({"workers": t.workers} if t.workers > 1 else {}), "cpu": t.cpu, "gpu": t.gpu},
         "max_concurrent_trials": t.max_concurrent_trials, "time_budget_s": t.time_budget_s,
@@ -609,6 +656,11 @@ def smoke(space: SearchSpace) -> SearchSpace:
     t.confirm_top_k, t.confirm_seeds = 0, []
     if t.sampler == "nsga2":
         t.population_size = t.default_population(s.epochs)
+    # enqueued configs keep only what the shrunk space still searches, with values inside it
+    smoke_dists = {d.key: d for d in s.search}
+    t.enqueue = [{k: v for k, v in entry.items() if k in smoke_dists and
+                  (smoke_dists[k].type != "choice" or v in smoke_dists[k].values)}
+                 for entry in getattr(t, "enqueue", None) or []][:t.num_samples]
     if s.mode == "cases":
         s.cases = s.cases[:4]
         s.seeds = s.seeds[:1]
