@@ -2,15 +2,15 @@
 ``ssam_tune.run.run_search`` and a bare ``tune.Tuner``.
 
 Used by ``bench_load.py`` and ``bench_scale.py`` (most of it), ``bench_disk.py``
-(:func:`fresh_ray_env`, :func:`quiet`) and ``bench_search.py`` (those two, :func:`emit` and
-:func:`footer`). The trainables the
-Ray workers run live in their own modules, which import only what a worker needs:
-``_search_trivial.py`` (load, scale, disk) and ``_search_synthetic.py`` (search).
+(:func:`fresh_ray_env`, :func:`quiet`) and ``bench_replay.py`` (those two, :func:`emit`,
+:func:`footer` and the statistics at the end). The trainables the Ray workers run live in
+their own modules, which import only what a worker needs: ``_search_trivial.py`` (load,
+scale, disk) and ``_search_replay.py`` (replay).
 
 - :func:`fresh_ray_env`: every experiment on a fresh local Ray (``RAY_ADDRESS`` dropped), whose
   workers can import this folder's modules by name. Ray pickles a function trainable of an
   importable module by reference (module and name), so a worker imports ``_search_trivial``
-  or ``_search_synthetic`` itself; workers inherit ``PYTHONPATH`` from the driver's
+  or ``_search_replay`` itself; workers inherit ``PYTHONPATH`` from the driver's
   environment, not its ``sys.path``. Call it before the first ``ray.init``.
 - :func:`emit` and :func:`quiet`: the report goes to the real stdout, while Ray Tune's tables,
   the workers' logs and the searcher's console lines go to stderr.
@@ -54,7 +54,7 @@ def worker_pythonpath(environ: dict) -> str:
 
 def fresh_ray_env() -> None:
     """Always a fresh local Ray instance (no ``RAY_ADDRESS``), its workers able to import the
-    trainables of ``_search_trivial`` and ``_search_synthetic`` by name."""
+    trainables of ``_search_trivial`` and ``_search_replay`` by name."""
     os.environ.pop("RAY_ADDRESS", None)
     os.environ["PYTHONPATH"] = worker_pythonpath(os.environ)
 

@@ -180,6 +180,10 @@ def _tune(strategy: str, epochs: int) -> dict:
 
 
 def space_dict(strategy: str, name: str, seed: int, table: rp.Table, num_samples: int) -> dict:
+    block = search_block(table)
+    tune = _tune(strategy, table.epochs)
+    if "enqueue" in tune:  # only the keys this table's space searches (the synthetic one has no granularity)
+        tune["enqueue"] = [{k: v for k, v in e.items() if k in block} for e in tune["enqueue"]]
     return {
         "name": name, "seed": seed,
         # the replay reads only the method section, the epochs and the seed; the rest is valid filler
@@ -188,10 +192,10 @@ def space_dict(strategy: str, name: str, seed: int, table: rp.Table, num_samples
         "train": {"epochs": table.epochs, "batch_size": 64},
         # the anchors' settings: SAM and SSAM at the quickstart's rho 0.05, SSAM-F 50% / N_F 128 / T_m 1
         "method": {"name": "ssam_f", "rho": 0.05, "sparsity": 0.5, "N_F": 128, "T_m": 1, "alpha": 0.5},
-        "search": search_block(table),
+        "search": block,
         "tune": {"objective": "multi", "flops": "theoretical", "resources": {"cpu": 1}, "max_concurrent_trials": 2,
                  "max_failures": 0, "num_samples": num_samples, "seed": seed, "baselines": list(BASELINES),
-                 **_tune(strategy, table.epochs)},
+                 **tune},
     }
 
 
@@ -454,6 +458,44 @@ def paired(results: dict, budgets: list[float], strategies: list[str], ref: str)
     return lines
 
 
+def run_seeds(args, strategies, budgets, grid_epochs, truth, tmp, results, t_start) -> None:
+    """Every strategy once per replay seed, the order rotating per seed; results appended."""
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        k = seed % len(strategies)
+        for strategy in strategies[k:] + strategies[:k]:
+            res = run_one(strategy, seed, [int(b * grid_epochs) for b in budgets], truth, tmp,
+                          args.num_samples)
+            for b in budgets:
+                results[(strategy, b)].append(res[int(b * grid_epochs)])
+            top = res[int(max(budgets) * grid_epochs)]
+            print(f"[{time.perf_counter() - t_start:6.0f} s] seed {seed} {strategy}: HV/true " +
+                  ", ".join(f"{100 * b:.0f}% {res[int(b * grid_epochs)]['hv_true']:.3f}" for b in budgets) +
+                  f" (export {top['export_hv_true']:.3f}), {top['epochs']} epochs, {top['trials']} trials, "
+                  f"{top['wall']:.0f} s", file=sys.stderr, flush=True)
+
+
+def goals(results: dict, budgets: list[float], ref: str) -> None:
+    """Issue 20's goals for ``ref``, each MET or NOT MET with its gap (true values)."""
+    emit("")
+    emit(f"goals ({ref}, true values):")
+    for b, want in ((0.35, 0.95), (0.20, 0.90)):
+        if (ref, b) not in results or not results[(ref, b)]:
+            continue
+        m, lo, hi = mean_ci([r["hv_true"] for r in results[(ref, b)]])
+        emit(f"  HV/true >= {want:.2f} at {100 * b:.0f}% of the grid's epochs: {m:.3f} [{lo:.3f}, {hi:.3f}] -> "
+             f"{'MET' if m >= want else f'NOT MET (gap {want - m:.3f})'}")
+    for other in ("random", "today"):
+        for b in budgets:
+            if not results.get((other, b)) or not results.get((ref, b)):
+                continue
+            n = min(len(results[(ref, b)]), len(results[(other, b)]))
+            diffs = [results[(ref, b)][i]["hv_true"] - results[(other, b)][i]["hv_true"] for i in range(n)]
+            m, lo, hi = mean_ci(diffs)
+            ok = lo == lo and lo > 0
+            emit(f"  beats {other} at {100 * b:.0f}%, paired 95% interval above 0: {m:+.4f} [{lo:+.4f}, {hi:+.4f}] "
+                 f"over {n} seeds -> {'MET' if ok else f'NOT MET (lower end {lo:+.4f})'}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--table", type=Path, default=HERE / "curves" / "label_noise.csv")
@@ -514,24 +556,21 @@ def main() -> int:
         # Ray takes longer than a replayed search
         with quiet():
             ray.init(address="local", num_cpus=2, include_dashboard=False)
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            k = seed % len(strategies)
-            for strategy in strategies[k:] + strategies[:k]:
-                res = run_one(strategy, seed, [int(b * grid_epochs) for b in budgets], truth, tmp,
-                              args.num_samples)
-                for b in budgets:
-                    results[(strategy, b)].append(res[int(b * grid_epochs)])
-                top = res[int(max(budgets) * grid_epochs)]
-                print(f"[{time.perf_counter() - t_start:6.0f} s] seed {seed} {strategy}: HV/true " +
-                      ", ".join(f"{100 * b:.0f}% {res[int(b * grid_epochs)]['hv_true']:.3f}" for b in budgets) +
-                      f" (export {top['export_hv_true']:.3f}), {top['epochs']} epochs, {top['trials']} trials, "
-                      f"{top['wall']:.0f} s", file=sys.stderr, flush=True)
-        ray.shutdown()
+        try:
+            run_seeds(args, strategies, budgets, grid_epochs, truth, tmp, results, t_start)
+        except KeyboardInterrupt:  # SIGINT (e.g. timeout -s INT): report the seeds every strategy finished
+            done = min(len(v) for v in results.values())
+            for key in results:
+                del results[key][done:]
+            emit(f"# interrupted: reporting the {done} seeds every strategy finished")
+        with contextlib.suppress(Exception):
+            ray.shutdown()
     report(results, budgets, grid_epochs, strategies)
     emit("")
     emit("paired differences on true values, mean [95% interval]:")
     for line in paired(results, budgets, strategies, ref):
         emit(line)
+    goals(results, budgets, ref)
     emit("")
     footer(t_start)
     return 0
