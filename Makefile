@@ -28,11 +28,12 @@ lint: venv
 	$(BIN)/lint-imports --no-cache
 
 # Everything: both tiers (the end-to-end one: tests that start Ray or a search subprocess,
-# marked e2e by tests/conftest.py); the slowest tests are listed at the end. Two pytest-xdist
-# workers: the e2e tests run one after another on one of them (tests/conftest.py groups them),
-# the other tests share both, so they overlap the e2e tier's waits on Ray.
+# marked e2e by tests/conftest.py); the slowest tests are listed at the end. One process: the
+# e2e tests size their waits for one search at a time on a 2-core machine. (Two pytest-xdist
+# workers, `-n 2 --dist loadgroup`, keep the e2e tier on one of them: tests/conftest.py groups
+# it and gives each worker its own Ray folder; not yet timed on a quiet machine.)
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests --durations=25
+	$(BIN)/python -m pytest -q tests --durations=25
 
 # The inner loop: every test that starts no Ray and is not marked slow (every module of the
 # method and training layers is covered).
