@@ -30,7 +30,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -318,32 +320,7 @@ def searcher_note(box: dict, n: int) -> str:
     return f" (searcher {1000 * box['searcher_s'] / n:.0f} ms/trial, of which ask {1000 * box['ask_s'] / n:.0f})"
 
 
-# ----------------------------------------------------------------------------- search budgets and statistics
-def epoch_budget_stopper(budget: int):
-    """A Ray Tune ``Stopper`` whose ``stop_all()`` turns true once the trials have reported
-    ``budget`` epochs in all (distinct (trial, epoch) pairs: Ray passes a function trainable's
-    last result twice, the report and again with done=True when the function returns)."""
-    from ray.tune.stopper import Stopper
-
-    class EpochBudget(Stopper):
-        def __init__(self) -> None:
-            self.budget, self.seen = budget, set()
-
-        @property
-        def used(self) -> int:
-            return len(self.seen)
-
-        def __call__(self, trial_id, result) -> bool:
-            if result.get("epoch") is not None:
-                self.seen.add((trial_id, result["epoch"]))
-            return False
-
-        def stop_all(self) -> bool:
-            return self.used >= self.budget
-
-    return EpochBudget()
-
-
+# ----------------------------------------------------------------------------- statistics
 # two-sided 95% Student t quantiles, by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
@@ -352,9 +329,6 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 def mean_ci(values: list[float]) -> tuple[float, float, float]:
     """Mean and its two-sided 95% Student t interval (NaN values left out)."""
-    import math
-    import statistics
-
     vals = [v for v in values if not math.isnan(v)]
     n = len(vals)
     if n == 0:

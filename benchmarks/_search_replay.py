@@ -56,14 +56,12 @@ class Table:
                           for r in rows)
         self.seeds = sorted({s for seeds in self.runs.values() for s in seeds})
         # the snapping ranges: per (method, granularity) family, each key's span of values
-        self._span: dict[tuple[str, str | None, str], float] = {}
+        values: dict[tuple[str, str | None, str], list[float]] = {}
         for p in self.params.values():
             for k in KEYS:
                 if p[k] is not None:
-                    fam = (p["name"], p["granularity"], k)
-                    vals = [q[k] for q in self.params.values()
-                            if (q["name"], q["granularity"]) == fam[:2] and q[k] is not None]
-                    self._span[fam] = max(_t(k, max(vals)) - _t(k, min(vals)), 1e-12)
+                    values.setdefault((p["name"], p["granularity"], k), []).append(_t(k, p[k]))
+        self._span = {fam: max(max(v) - min(v), 1e-12) for fam, v in values.items()}
 
     # -- the config a sampled one replays ------------------------------------------------------
     def snap(self, method: dict) -> str:

@@ -18,12 +18,15 @@ reported ones:
   expensive config.
 - **epochs**: all reported epochs as a percentage of the grid's (every config once, full run).
 
-Budgets: ``--budgets`` fractions of the grid's epochs, anchors included, enforced by a Ray Tune
-stopper (``num_samples`` is far above what a budget allows). Replay seed ``i`` is the search
+Budgets: ``--budgets`` fractions of the grid's epochs, anchors included. One search per seed
+runs to the largest; a Ray Tune stopper records which trials had completed as the reported
+epochs passed each smaller one, which is what a search given that budget would have finished
+(``num_samples`` is far above what a budget allows, so a search does not know its budget).
+The largest budget is also scored from the exports, as a check of the recorder. Replay seed ``i`` is the search
 seed and picks the recorded run each config replays; the same for every strategy, so per-seed
 differences are paired. Strategies run interleaved per seed (the order rotating).
 
-The rung table (``--rungs``, no search needed): for each epoch, the Spearman rank correlation
+The rung table (``--rungs-only`` prints it alone, no search): for each epoch, the Spearman rank correlation
 between a run's validation accuracy at that epoch and its final one, over all recorded runs and
 per method family, and the share of true-front configs whose runs rank below the median at that
 epoch (what an accuracy-only rung with reduction factor 2 would stop).
@@ -209,48 +212,40 @@ def read_csv(path: Path) -> list[dict]:
 def table_config(trial: dict, table: rp.Table) -> str | None:
     """The table config a trial replayed, from its config columns in trials.csv (the replay's
     own ``table_config`` report is a string, which the exports leave out)."""
-    method = {}
-    for key, value in trial.items():
-        if key.startswith("method.") and value != "":
-            name = key.split(".", 1)[1]
-            method[name] = value if name in ("name", "granularity", "drop", "normalize", "tensor_score",
-                                             "mask_unit", "fisher_bn", "bn_second_pass", "fixed_mask") else float(value)
-    return table.snap(method) if "name" in method else None  # a trial that never started has no config
+    if not trial.get("method.name"):
+        return None  # a trial that never started has no config
+    method = {"name": trial["method.name"], "granularity": trial.get("method.granularity") or "element"}
+    method.update({k: float(trial[f"method.{k}"]) for k in rp.KEYS if trial.get(f"method.{k}")})
+    return table.snap(method)
 
 
 def score(out: Path, truth: Truth, epochs: int) -> dict:
+    """The exported front scored as :func:`score_snapshot` scores a recorded one, plus what only
+    the exports hold: every trial's epochs and status."""
     trials = read_csv(out / "trials.csv")
     for t in trials:
         t["table_config"] = table_config(t, truth.table)
     by_id = {t["trial_id"]: t for t in trials}
     front = [p for p in read_csv(out / "pareto.csv") if int(p["epochs"]) >= epochs]
-    reported, true = [], []
-    for p in front:
-        t = by_id[p["trial_id"]]
-        cost = float(p["flops_theoretical"]) / truth.unit
-        reported.append((cost, float(p["val_acc"])))
-        true.append(truth.points[t["table_config"]])
+    res = score_snapshot({p["trial_id"]: (by_id[p["trial_id"]]["table_config"], float(p["val_acc"]),
+                                          float(p["flops_theoretical"])) for p in front}, truth)
     pruned: dict[int, int] = {}
     front_pruned: dict[int, int] = {}
     for t in trials:
         if t["status"] == "pruned":
             e = int(t["epochs_reached"] or 0)
             pruned[e] = pruned.get(e, 0) + 1
-            if t.get("table_config") in truth.front_configs:
+            if t["table_config"] in truth.front_configs:
                 front_pruned[e] = front_pruned.get(e, 0) + 1
-    return {
-        "hv_rep": truth.hv_ratio(reported), "hv_true": truth.hv_ratio(true),
-        "epochs": sum(int(t["epochs_reached"] or 0) for t in trials), "trials": len(trials),
-        "completed": sum(t["status"] == "completed" for t in trials), "front": len(front),
-        "pruned": pruned, "front_pruned": front_pruned,
-        "front_found": len({by_id[p["trial_id"]]["table_config"] for p in front} & truth.front_configs),
-    }
+    res.update(epochs=sum(int(t["epochs_reached"] or 0) for t in trials), trials=len(trials),
+               completed=sum(t["status"] == "completed" for t in trials), pruned=pruned, front_pruned=front_pruned)
+    return res
 
 
 def budget_recorder(budgets: list[int], epochs: int):
-    """A Ray Tune ``Stopper`` that ends the search at the largest budget (epochs reported, as
-    ``_search_common.epoch_budget_stopper`` counts them) and, as the count passes each smaller
-    one, records the trials completed at full fidelity so far. A search does not know its
+    """A Ray Tune ``Stopper`` that ends the search at the largest budget (distinct (trial, epoch)
+    pairs reported: Ray passes a function trainable's last result twice) and, as the count
+    passes each smaller one, records the trials completed at full fidelity so far. A search does not know its
     budget (``num_samples`` is far above it), so that record is what a search given the smaller
     budget would have finished: one search scores every budget."""
     from ray.tune.stopper import Stopper
