@@ -1,7 +1,8 @@
 """`python -m ssam_tune.run SPACE.yaml`: a search (or a list of cases) on Ray Tune.
 
-    python -m ssam_tune.run SPACE.yaml [--address ADDR] [--storage PATH] [--name NAME]
-                                       [--resume [auto]] [--num-samples N] [--smoke] [--dry-run]
+    python -m ssam_tune.run SPACE.yaml [--set KEY=VALUE ...] [--address ADDR] [--storage PATH]
+                                       [--name NAME] [--resume [auto]] [--num-samples N] [--smoke]
+                                       [--dry-run]
 
 The space is validated before Ray starts (exit code 2, nothing started or written). The Ray
 experiment goes to ``<storage>/<name>`` (default storage: ``results/ray``), the exports to
@@ -25,10 +26,10 @@ from pathlib import Path
 import yaml
 
 from ssam_tune.storage.experiment import RESULTS, SPACE_FILE, Experiment, resolve_storage
-from ssam_tune.training.config import ConfigError
+from ssam_tune.training.config import ConfigError, apply_overrides, load_yaml
 from ssam_tune.tuning.space import NAME_RE, SearchSpace, load_space, smoke, space_to_dict
 
-__all__ = ["main", "run_search", "space_to_dict"]
+__all__ = ["SearchResult", "main", "run_search", "space_to_dict", "tune"]
 
 
 def describe(space: SearchSpace, full: bool = True) -> str:
@@ -81,6 +82,10 @@ def _local_resources() -> tuple[float, float]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ssam_tune.run", description=__doc__.split("\n\n")[0])
     p.add_argument("space", help="search-space YAML (see README)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the space file before it is validated, e.g. --set train.epochs=5, "
+                        "--set tune.num_samples=20, --set 'search.method.rho={type: uniform, low: 0.05, high: 0.2}' "
+                        "(repeatable; the value is read as YAML)")
     p.add_argument("--address", default=None, help="Ray cluster address to join (default: RAY_ADDRESS, "
                    "else start a local Ray); not ray://: submit with `ray job submit` instead")
     p.add_argument("--storage", default=None, help="experiment storage: a shared path or s3:// URI "
@@ -95,11 +100,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def prepare(args) -> SearchSpace:
-    """Load, override and validate; raises ConfigError. A dry run or a smoke run does not
-    require the data directories to exist (a smoke run uses the embedded data)."""
+def prepare(args, raw: dict | None = None) -> SearchSpace:
+    """Load (or take ``raw``, the file's content), apply ``--set``, validate; raises
+    ConfigError. A dry run or a smoke run does not require the data directories to exist (a
+    smoke run uses the embedded data)."""
+    if args.overrides:  # before validation, so a --set value meets the same rules as the file's
+        raw = load_yaml(args.space) if raw is None else raw
+        if not isinstance(raw, dict):
+            raise ConfigError("(top level)", "must be a mapping with the training config, search or cases, and tune",
+                              str(args.space))
+        apply_overrides(raw, args.overrides, flat=("search",))
     # resuming: the stored space.yaml is what runs; the YAML is read as leniently as a stored one
-    space = load_space(args.space, check_paths=not (args.dry_run or args.smoke), stored=bool(args.resume))
+    space = load_space(args.space, data=raw, check_paths=not (args.dry_run or args.smoke), stored=bool(args.resume))
     if args.name is not None:
         if not NAME_RE.match(args.name) or ".." in args.name:
             raise ConfigError("--name", f"must be letters, digits, '_', '-' or '.' and stay inside results/; "
@@ -115,7 +127,35 @@ def prepare(args) -> SearchSpace:
         space = smoke(space)
         if args.name is not None:
             space.name = args.name
+    try:
+        check_user_code(space)
+    except ConfigError as err:  # name the space file, as its other errors do
+        raise ConfigError(err.path, err.rule, err.source or str(args.space)) from None
     return space
+
+
+def check_user_code(space: SearchSpace) -> None:
+    """A user's model or data (import strings) is called once here, before Ray starts, so
+    that a module that does not import, a wrong signature or a wrong output is a one-line
+    ConfigError rather than a failed trial; then the folders their modules came from are put
+    on PYTHONPATH, which the local Ray's workers inherit (a module found only through the
+    driver's working directory would not import in a worker)."""
+    from ssam_tune.training.config import config_from_dict
+    from ssam_tune.training.user_code import module_roots, preflight
+
+    methods = {cfg["method"]["name"] for _, cfg in space.fixed_trials()}
+    names = [d for d in space.search if d.key == "method.name"]
+    methods |= set(names[0].values) if names else {space.base["method"]["name"]}
+    seen = set()
+    for cfg in [space.base, *(c for _, c in space.fixed_trials())]:
+        key = yaml.safe_dump({k: cfg[k] for k in ("model", "data")}, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            preflight(config_from_dict(cfg), sorted(methods))
+    roots = module_roots([space.base["model"]["name"], space.base["data"]["name"]])
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if any(r not in path for r in roots):
+        os.environ["PYTHONPATH"] = os.pathsep.join([*path, *(r for r in roots if r not in path)])
 
 
 def _storage(args, space: SearchSpace) -> str:
@@ -200,57 +240,126 @@ def _retain(space: SearchSpace, exp: Experiment, rows: list[dict], info: dict) -
     prune_after_export(exp, done, keep)
 
 
+def settle_start(args, space: SearchSpace) -> tuple[SearchSpace, str, bool]:
+    """Where the experiment goes and whether it resumes: ``(space, storage, resume)``, the
+    space being the stored one when resuming. Raises ConfigError (nothing started)."""
+    storage = _storage(args, space)
+    address = args.address or os.environ.get("RAY_ADDRESS") or ""
+    if address.startswith("ray://"):
+        # Ray Client runs the driver's Tune loop remotely while space.yaml and the exports
+        # would be written on this machine.
+        raise ConfigError("--address" if args.address else "RAY_ADDRESS",
+                          f"Ray Client addresses ({address}) are not supported; run the search on the "
+                          "cluster with `ray job submit --address http://<head>:8265 --working-dir . -- "
+                          "python -m ssam_tune.run SPACE.yaml ...`")
+    exp = Experiment.at(storage, space.name)
+    try:
+        exists = exp.started
+    except (OSError, ValueError) as err:  # pyarrow: unknown scheme, no credentials, no bucket
+        raise ConfigError("--storage", f"cannot reach {exp.root} ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); check the URI and the "
+                          "credentials, or use a local folder") from None
+    resume = exists if args.resume == "auto" else bool(args.resume)
+    if resume and not exists:
+        raise ConfigError("--resume", f"no experiment to resume at {exp.root} (--resume auto starts it)")
+    if resume and not exp.resumable:
+        # killed before Ray saved any state: nothing ran that could be kept
+        print(f"note: {exp.root} has no saved Ray state (its driver stopped within seconds of the start); "
+              "starting it afresh")
+        resume = False
+    elif not resume and exists:
+        raise ConfigError("--name", f"experiment {space.name!r} already exists at {exp.root}; "
+                          "use --resume (or --resume auto) to finish it or --name for a new one")
+    if args.resume == "auto":
+        print(f"--resume auto: {'resuming' if resume else 'starting'} {exp.root}")
+    stored_text = exp.read_text(SPACE_FILE) if resume else None
+    if stored_text is not None:
+        # finish the experiment as it was started, whatever the YAML says now
+        stored = load_space(exp.join(SPACE_FILE), data=yaml.safe_load(stored_text), check_paths=False,
+                            stored=True)
+        if space_to_dict(stored) != space_to_dict(space):
+            print(f"note: resuming with the space stored in {exp.join(SPACE_FILE)} "
+                  f"(it differs from {args.space})", file=sys.stderr)
+        space = stored
+    return space, storage, resume
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         space = prepare(args)
-        storage = _storage(args, space)
         if args.dry_run:
+            _storage(args, space)  # a storage URI that cannot be parsed is refused here too
             print(describe(space))
             return 0
-        address = args.address or os.environ.get("RAY_ADDRESS") or ""
-        if address.startswith("ray://"):
-            # Ray Client runs the driver's Tune loop remotely while space.yaml and the exports
-            # would be written on this machine.
-            raise ConfigError("--address" if args.address else "RAY_ADDRESS",
-                              f"Ray Client addresses ({address}) are not supported; run the search on the "
-                              "cluster with `ray job submit --address http://<head>:8265 --working-dir . -- "
-                              "python -m ssam_tune.run SPACE.yaml ...`")
-        exp = Experiment.at(storage, space.name)
-        try:
-            exists = exp.started
-        except (OSError, ValueError) as err:  # pyarrow: unknown scheme, no credentials, no bucket
-            raise ConfigError("--storage", f"cannot reach {exp.root} ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}); check the URI and the "
-                              "credentials, or use a local folder") from None
-        resume = exists if args.resume == "auto" else bool(args.resume)
-        if resume and not exists:
-            raise ConfigError("--resume", f"no experiment to resume at {exp.root} (--resume auto starts it)")
-        if resume and not exp.resumable:
-            # killed before Ray saved any state: nothing ran that could be kept
-            print(f"note: {exp.root} has no saved Ray state (its driver stopped within seconds of the start); "
-                  "starting it afresh")
-            resume = False
-        elif not resume and exists:
-            raise ConfigError("--name", f"experiment {space.name!r} already exists at {exp.root}; "
-                              "use --resume (or --resume auto) to finish it or --name for a new one")
-        if args.resume == "auto":
-            print(f"--resume auto: {'resuming' if resume else 'starting'} {exp.root}")
-        stored_text = exp.read_text(SPACE_FILE) if resume else None
-        if stored_text is not None:
-            # finish the experiment as it was started, whatever the YAML says now
-            stored = load_space(exp.join(SPACE_FILE), data=yaml.safe_load(stored_text), check_paths=False,
-                                stored=True)
-            if space_to_dict(stored) != space_to_dict(space):
-                print(f"note: resuming with the space stored in {exp.join(SPACE_FILE)} "
-                      f"(it differs from {args.space})", file=sys.stderr)
-            space = stored
+        space, storage, resume = settle_start(args, space)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(describe(space, full=False))
     run_search(space, storage=storage, resume=resume, address=args.address, results=args.results)
     return 0
+
+
+# -- the Python API ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SearchResult:
+    """What :func:`tune` returns: where everything went, and the exports read back."""
+
+    name: str
+    export_dir: Path  # results/<name>: trials.csv, pareto.csv, best_config.yaml, summary.md, ...
+    experiment: str  # the Ray experiment (a path or URI): checkpoints, the Optuna journal
+    best_config: dict  # the best trial's training config (best_config.yaml; ssam_tune.train runs it)
+    front: list[dict]  # pareto.csv: the front's rows, numbers as numbers
+    trials: list[dict]  # trials.csv: every trial's row
+
+
+def tune(space: str | os.PathLike | dict, *, overrides: list[str] | tuple[str, ...] = (), name: str | None = None,
+           storage: str | None = None, resume: bool | str = False, num_samples: int | None = None,
+           smoke: bool = False, address: str | None = None, results: str | os.PathLike = RESULTS) -> SearchResult:
+    """Run a search from Python, as ``python -m ssam_tune.run`` does, and return its exports
+    (``ssam_tune.tune``; ``ssam_tune.search`` is the old path of the searcher's module).
+
+    ``space`` is a search-space YAML file or the same content as a dict; ``overrides`` are
+    ``--set`` items (``"train.epochs=5"``); the keywords are the command line's options
+    (``resume``: True, or ``"auto"`` to start or resume). A bad space raises ConfigError
+    before Ray starts. Ray is started locally unless ``address`` (or RAY_ADDRESS) names a
+    cluster, or this process has already called ``ray.init``.
+    """
+    import copy
+
+    raw = copy.deepcopy(space) if isinstance(space, dict) else None
+    source = f"{space.get('name', 'search')}.yaml" if isinstance(space, dict) else str(space)
+    args = argparse.Namespace(space=source, overrides=list(overrides), name=name, num_samples=num_samples,
+                              smoke=smoke, dry_run=False, resume={True: "yes", False: None}.get(resume, resume),
+                              results=str(results), storage=storage, address=address)
+    space_ = prepare(args, raw=raw)
+    space_, store, settle = settle_start(args, space_)
+    out = run_search(space_, storage=store, resume=settle, address=address, results=str(results))
+    return SearchResult(name=space_.name, export_dir=out, experiment=Experiment.at(store, space_.name).root,
+                        best_config=yaml.safe_load((out / "best_config.yaml").read_text()) or {},
+                        front=_read_rows(out / "pareto.csv"), trials=_read_rows(out / "trials.csv"))
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """A CSV export's rows, numbers as numbers (empty cells None)."""
+    import csv
+
+    def value(text: str):
+        if text == "":
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                return text
+
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def __getattr__(name: str):

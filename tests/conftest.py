@@ -24,7 +24,7 @@ import pytest
 # a Ray cluster, a Tuner, a Ray Train run.
 _STARTS_RAY = re.compile(
     r"\brun_search\(|\bstart_driver\(|\b_run_cli\(|\bray\.init\(|\bray_cluster\b|\bray_local\b|\bshared_ray\b|"
-    r"\bTuner\(|\bTorchTrainer\(|\b_?init_ray\(|"
+    r"\bTuner\(|\bTorchTrainer\(|\b_?init_ray\(|\bssam_tune\.tune\(|"
     r"run_module\(\s*\"(?:ssam_tune\.run|driver)\"(?!.*--dry-run)")
 
 

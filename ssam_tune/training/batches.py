@@ -34,6 +34,8 @@ def _norm_constants(mean: Sequence[float], std: Sequence[float], device: torch.d
 
 def _to_float(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
               normalize: bool, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    if images.is_floating_point():  # a user's samples (training/user_code.py): used as given
+        return images.to(dtype=dtype, copy=True)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     # The dtype cast and the layout change happen in a single copy.
     x = images.to(dtype=dtype, memory_format=fmt)
@@ -48,7 +50,8 @@ def _to_float(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
 def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
                     dtype: torch.dtype = torch.float32,
                     channels_last: bool = False) -> torch.Tensor:
-    """uint8 ``N x C x H x W`` -> normalised float ``(x / 255 - mean) / std`` (evaluation)."""
+    """uint8 ``N x C x H x W`` -> normalised float ``(x / 255 - mean) / std`` (evaluation);
+    floating-point samples are only cast to ``dtype``."""
     return _to_float(images, mean, std, True, dtype, channels_last)
 
 

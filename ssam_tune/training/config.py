@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import functools
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,10 +25,13 @@ import yaml
 
 from ssam_tune.method.methods import METHODS
 
-__all__ = ["Config", "ConfigError", "DataConfig", "MethodConfig", "ModelConfig", "TrainConfig", "build_section",
-           "config_from_dict", "config_to_dict", "flatten", "load_config", "load_yaml", "rule", "set_by_path"]
+__all__ = ["Config", "ConfigError", "DataConfig", "MethodConfig", "ModelConfig", "TrainConfig", "apply_overrides",
+           "build_section", "config_from_dict", "config_to_dict", "flatten", "load_config", "load_yaml", "rule",
+           "set_by_path"]
 
 MODEL_NAMES = ("resnet18", "wrn28_10", "vgg11_bn", "resnet50")
+# module path, a colon, then the attribute path: "mypkg.models:tiny_vit"
+IMPORT_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 DATASET_NAMES = ("embedded", "cifar10", "cifar100", "imagefolder")
 
 
@@ -41,14 +45,15 @@ class ConfigError(ValueError):
 
 
 def rule(lo=None, hi=None, lo_open=False, hi_open=False, choices=None, help=None, yaml_key=None,
-         given=dataclasses.MISSING) -> dict:
+         given=dataclasses.MISSING, imports=False) -> dict:
     """A field's validation rule, kept in its metadata, which :func:`build_section` checks.
 
     ``yaml_key`` places a field of a flat dataclass inside a mapping of the YAML
     (``"resources.cpu"``: the field is read from ``resources: {cpu: ...}``); ``given`` is its
-    default when that mapping is given without it (else the field's own default applies)."""
+    default when that mapping is given without it (else the field's own default applies); ``imports``: besides
+    ``choices``, an import string ``package.module:function`` is accepted (checked when used)."""
     out = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices, "help": help,
-           "yaml_key": yaml_key}
+           "yaml_key": yaml_key, "imports": imports}
     if given is not dataclasses.MISSING:
         out["given"] = given
     return out
@@ -61,9 +66,15 @@ def _f(default, **kw):
     return field(default=default, metadata=rule(**kw))
 
 
+# A user's model or data set: "package.module:function" (training/user_code.py calls it).
+IMPORT_STRING = "an import string 'package.module:function'"
+
+
 @dataclass
 class ModelConfig:
-    name: str = _f("resnet18", choices=MODEL_NAMES)
+    # a built-in network, or the user's: function(num_classes=..., input_shape=(C, H, W), **kwargs)
+    name: str = _f("resnet18", choices=MODEL_NAMES, imports=True)
+    kwargs: dict = _f({})  # further keyword arguments of the model's function
     width: float = _f(1.0, lo=0.0, lo_open=True, hi=16.0)  # channel multiplier (CIFAR models)
     depth: int = _f(28, lo=10, hi=100)  # WideResNet only
     widen_factor: int = _f(10, lo=1, hi=20)  # WideResNet only
@@ -71,7 +82,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = _f("embedded", choices=DATASET_NAMES)
+    # a built-in data set, or the user's: function(**kwargs) -> (train, test) (training/user_code.py)
+    name: str = _f("embedded", choices=DATASET_NAMES, imports=True)
+    kwargs: dict = _f({})  # keyword arguments of the data function
     root: str | None = _f(None)  # data directory (cifar10/100, imagefolder)
     download: bool = _f(False)  # torchvision download for cifar10/100
     val_fraction: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True)  # carved from the training set
@@ -149,7 +162,8 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "met
 
 
 def _type_name(tp) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+             dict: "a mapping of names to values"}
     args = [a for a in get_args(tp) if a is not type(None)]
     if args:
         return " or ".join(names.get(a, str(a)) for a in args) + " (or null)"
@@ -192,6 +206,9 @@ def _coerce(value: Any, tp, path: str) -> Any:
     elif tp is list:
         if isinstance(value, list):
             return list(value)
+    elif tp is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return copy.deepcopy(value)
     return _fail_type(value, tp, path)
 
 
@@ -206,7 +223,11 @@ def _check_rule(value: Any, meta: dict, path: str) -> None:
         return
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        raise ConfigError(path, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+        if not meta.get("imports"):
+            raise ConfigError(path, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+        if not IMPORT_RE.match(str(value)):
+            raise ConfigError(path, f"must be one of {', '.join(map(str, choices))}, or {IMPORT_STRING}; "
+                              f"got {value!r}")
     lo, hi, lo_open, hi_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open"), meta.get("hi_open")
     below = lo is not None and (value <= lo if lo_open else value < lo)
     above = hi is not None and (value >= hi if hi_open else value > hi)
@@ -372,12 +393,33 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     data = load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError("(top level)", "must be a mapping of keys to values", str(path))
-    for item in overrides or []:
+    return config_from_dict(apply_overrides(data, overrides or []), source=str(path))
+
+
+def apply_overrides(data: dict, overrides: list[str], flat: tuple[str, ...] = ()) -> dict:
+    """Apply ``--set KEY=VALUE`` items to a YAML mapping in place (and return it): the value is
+    read as YAML (empty: null) and set at the dotted ``KEY``. Under a section named in ``flat``
+    the rest of the key is ONE key (a search space's ``search.method.rho``)."""
+    for item in overrides:
         if "=" not in item:
             raise ConfigError("--set", f"expected key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        set_by_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    return config_from_dict(data, source=str(path))
+        key, raw = (part.strip() for part in item.split("=", 1))
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}", f"the value is not valid YAML ({str(err).splitlines()[0]}): {raw!r}") \
+                from None
+        head, _, rest = key.partition(".")
+        if head in flat and rest:
+            section = data.get(head)
+            if section is None:
+                section = data[head] = {}
+            if not isinstance(section, dict):
+                raise ConfigError(key, f"{head} is not a section")
+            section[rest] = value
+        else:
+            set_by_path(data, key, value)
+    return data
 
 
 def set_by_path(data: dict, dotted: str, value: Any) -> None:

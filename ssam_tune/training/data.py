@@ -31,6 +31,9 @@ from typing import Any
 
 import torch
 
+from ssam_tune.training.config import ConfigError
+from ssam_tune.training.user_code import call, is_import_string
+
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
@@ -94,8 +97,9 @@ class Split:
     std: tuple[float, ...] = CIFAR10_STD
 
     def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(f"images must be uint8 N x C x H x W, got {self.images.dtype} "
+        # a user's data set (training/user_code.py) may hold floating-point samples of any shape
+        if not (self.is_image or (self.images.is_floating_point() and self.images.dim() >= 2)):
+            raise ValueError(f"images must be uint8 N x C x H x W (or floating N x ...), got {self.images.dtype} "
                              f"{tuple(self.images.shape)}")
         if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
             raise ValueError(f"labels must be int64 of shape ({self.images.shape[0]},), got "
@@ -103,6 +107,11 @@ class Split:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    @property
+    def is_image(self) -> bool:
+        """uint8 images (scaled, normalised, augmentable), not floating-point samples used as given."""
+        return self.images.dtype == torch.uint8 and self.images.dim() == 4
 
     @property
     def device(self) -> torch.device:
@@ -147,6 +156,13 @@ class Data:
     @property
     def in_memory(self) -> bool:
         return isinstance(self.train, Split)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one model input (what a model's ``input_shape`` and FLOPs counts use)."""
+        if self.in_memory:
+            return tuple(int(v) for v in self.train.images.shape[1:])
+        return (3, self.image_size, self.image_size)
 
 
 # --------------------------------------------------------------------------- splits
@@ -429,7 +445,7 @@ def _load_imagefolder_large(train_dir: str, eval_dir: str, val_fraction: float,
 
 def load_dataset(name: str = "embedded", root: str | None = None, download: bool = False,
                  val_fraction: float = 0.1, seed: int = 0, augment: str | None = None,
-                 num_threads: int | None = None, label_noise: float = 0.0) -> Data:
+                 num_threads: int | None = None, label_noise: float = 0.0, kwargs: dict | None = None) -> Data:
     """Load a data set and split it into train / val / test.
 
     name:
@@ -439,6 +455,8 @@ def load_dataset(name: str = "embedded", root: str | None = None, download: bool
         (default ``$SSAM_TUNE_DATA`` or ``~/.cache/ssam_tune/data``); ``download=True``
         fetches it (once, under a file lock).
         ``imagefolder``: ``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``).
+        ``package.module:function``: the user's data function, called with ``kwargs``
+        (its protocol: training/user_code.py).
     val_fraction, seed:
         the validation split is this stratified fraction of the training set, chosen with
         ``seed`` (0 gives an empty validation split). For model selection; test is only
@@ -458,16 +476,29 @@ def load_dataset(name: str = "embedded", root: str | None = None, download: bool
     Raises ``DataError`` (a ``ValueError``) when the data is missing, naming the place
     it must be put.
     """
-    if name not in DATASETS:
-        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    if augment not in (None, "cifar", "imagenet"):
-        raise DataError(f"augment must be 'cifar' or 'imagenet', got {augment!r}")
+    user = is_import_string(name)
+    if name not in DATASETS and not user:
+        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}, or an import string "
+                        "'package.module:function'")
+    if augment not in (None, "cifar", "imagenet", "none"):
+        raise DataError(f"augment must be 'cifar', 'imagenet' or 'none', got {augment!r}")
+    if augment == "none":
+        augment = None if not user else "none"
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if not 0.0 <= label_noise < 1.0:
         raise DataError(f"label_noise must be in [0, 1), got {label_noise}")
 
-    if name == "imagefolder":
+    if user:
+        train, test = _load_user(name, kwargs or {})
+        if augment is None:
+            small = train.is_image and train.images.shape[2] == train.images.shape[3] <= SMALL_IMAGE_MAX
+            augment = "cifar" if small else "none"
+        if augment == "imagenet" or (augment == "cifar" and not train.is_image):
+            needs = "image files (imagefolder)" if augment == "imagenet" else "uint8 N x C x H x W images"
+            raise ConfigError("data.augment", f"{augment!r} needs {needs}, and {name} gives "
+                              f"{train.images.dtype} samples of shape {tuple(train.images.shape[1:])}; use none")
+    elif name == "imagefolder":
         train_dir, eval_dir = _imagefolder_dirs(root)
         size = _first_image_size(train_dir)
         if augment is None:
@@ -496,7 +527,7 @@ def load_dataset(name: str = "embedded", root: str | None = None, download: bool
         else:
             train, test = _load_torchvision_cifar(name, root, download)
 
-    if train.images.shape[2] != train.images.shape[3]:
+    if augment == "cifar" and train.images.shape[2] != train.images.shape[3]:
         raise DataError(f"{name}: in-memory images must be square, got "
                         f"{tuple(train.images.shape[2:])}")
     if len(test) and test.images.shape[1:] != train.images.shape[1:]:
@@ -504,13 +535,82 @@ def load_dataset(name: str = "embedded", root: str | None = None, download: bool
                         f"from training images {tuple(train.images.shape[1:])}")
     train, val = split_train_val(train, val_fraction, seed)
     train = add_label_noise(train, label_noise, seed)  # the training part only
-    if name == "imagefolder":
+    if name == "imagefolder" or (user and train.is_image):
         # Unknown data: normalise with the statistics of the training part only.
         mean, std = _channel_stats(train.images)
         train, val, test = (Split(s.images, s.labels, s.classes, mean, std)
                             for s in (train, val, test))
     return Data(name, train, val, test, list(train.classes), int(train.images.shape[-1]),
                 train.mean, train.std, augment)
+
+
+def dataset_shape(name: str, root: str | None) -> tuple[int, tuple[int, ...]]:
+    """(number of classes, shape of one model input) of a built-in data set, reading no more
+    than a folder listing and one image."""
+    if name in ("embedded", "cifar10"):
+        return 10, (3, 32, 32)
+    if name == "cifar100":
+        return 100, (3, 32, 32)
+    train_dir, _ = _imagefolder_dirs(root)
+    classes = [e.name for e in os.scandir(train_dir) if e.is_dir()]
+    size = _first_image_size(train_dir)
+    return len(classes), (3, size, size) if size <= SMALL_IMAGE_MAX else (3, 224, 224)
+
+
+def _load_user(name: str, kwargs: dict) -> tuple[Split, Split]:
+    """The user's data function's two sets as Splits, checked (protocol: training/user_code.py)."""
+    out = call(name, "data.name", **kwargs)
+    classes = None
+    if isinstance(out, dict):
+        if set(out) - {"train", "test", "classes"} or not {"train", "test"} <= set(out):
+            raise ConfigError("data.name", f"{name} returned a mapping with keys {sorted(out)}; expected train, test "
+                              "and optionally classes")
+        classes = out.get("classes")
+        out = (out["train"], out["test"])
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise ConfigError("data.name", f"{name} must return (train, test) or {{'train': ..., 'test': ...}}, got "
+                          f"{type(out).__name__}")
+    train, test = (_user_tensors(name, which, part) for which, part in zip(("train", "test"), out, strict=True))
+    if len(train[0]) == 0:
+        raise ConfigError("data.name", f"{name}: the training set is empty")
+    if classes is not None:
+        if not isinstance(classes, (list, tuple)) or not classes:
+            raise ConfigError("data.name", f"{name}: classes must be a non-empty list of names")
+        num = len(classes)
+    else:
+        num = int(train[1].max()) + 1
+    for which, (_, y) in (("train", train), ("test", test)):
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= num):
+            bound = "len(classes)" if classes is not None else "one more than the largest training label"
+            raise ConfigError("data.name", f"{name}: {which} labels must lie in [0, {num}) ({bound}), got "
+                              f"{int(y.min())}..{int(y.max())}")
+    names = [str(c) for c in classes] if classes is not None else [str(i) for i in range(num)]
+    return tuple(Split(x, y, names, (), ()) for x, y in (train, test))
+
+
+def _user_tensors(name: str, which: str, part: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """One set of a user's data function as (x, y): a pair of tensors, or a Dataset read once."""
+    if isinstance(part, (tuple, list)) and len(part) == 2 and all(isinstance(t, torch.Tensor) for t in part):
+        x, y = part
+    elif isinstance(part, torch.utils.data.Dataset) and hasattr(part, "__len__"):
+        samples = [part[i] for i in range(len(part))]
+        try:
+            x = torch.stack([torch.as_tensor(s[0]) for s in samples]) if samples else torch.zeros(0, 1)
+            y = torch.as_tensor([int(s[1]) for s in samples], dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError, IndexError) as err:
+            raise ConfigError("data.name", f"{name}: the {which} Dataset must yield (x, y) samples of one shape with "
+                              f"integer labels ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    else:
+        raise ConfigError("data.name", f"{name}: the {which} set must be a pair of tensors (x, y) or a torch "
+                          f"Dataset with __len__, got {type(part).__name__}")
+    if x.dim() < 2 or not (x.is_floating_point() or (x.dtype == torch.uint8 and x.dim() == 4)):
+        raise ConfigError("data.name", f"{name}: {which} x must be uint8 N x C x H x W images or floating point "
+                          f"N x ..., got {x.dtype} of shape {tuple(x.shape)}")
+    if y.dim() != 1 or len(y) != len(x) or y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+        raise ConfigError("data.name", f"{name}: {which} y must be N integer class labels for the N = {len(x)} "
+                          f"samples, got {y.dtype} of shape {tuple(y.shape)}")
+    x = x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
+    return x.contiguous(), y.to(torch.int64)
 
 
 class _RankShares:

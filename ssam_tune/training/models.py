@@ -21,6 +21,9 @@ import torch.nn.functional as F
 import torchvision.models.resnet as tv_resnet
 from torch import nn
 
+from ssam_tune.training.config import ConfigError
+from ssam_tune.training.user_code import call, is_import_string
+
 __all__ = ["MODELS", "VGG", "ResNet18", "WideResNet", "build_model", "count_params"]
 
 
@@ -267,8 +270,10 @@ MODELS = {
 
 
 def build_model(name: str, num_classes: int, *, width: float = 1.0, input_size: int = 32,
-                **kw) -> nn.Module:
-    """Build the model ``name`` (a key of :data:`MODELS`) for ``num_classes`` classes.
+                input_shape: tuple[int, ...] | None = None, **kw) -> nn.Module:
+    """Build the model ``name`` (a key of :data:`MODELS`, or a user's import string
+    ``package.module:function``, called as ``function(num_classes=..., input_shape=...,
+    **kw)``: training/user_code.py) for ``num_classes`` classes.
 
     ``width`` multiplies every channel count (rounded, at least 1; ``resnet50`` only
     supports 1.0). ``input_size`` is the side of the square input images; all models end
@@ -276,6 +281,14 @@ def build_model(name: str, num_classes: int, *, width: float = 1.0, input_size: 
     Extra keyword arguments go to the builder (``wrn28_10``: ``depth``, ``widen_factor``,
     ``dropout``). An unknown name raises ``ValueError`` listing the choices.
     """
+    if is_import_string(name):
+        shape = tuple(int(v) for v in (input_shape or (3, input_size, input_size)))
+        model = call(name, "model.name", num_classes=num_classes, input_shape=shape, **kw)
+        if not isinstance(model, nn.Module):
+            raise ConfigError("model.name", f"{name} must return a torch.nn.Module, got {type(model).__name__}")
+        return model
+    if input_shape is not None:
+        input_size = int(input_shape[-1])
     if name not in MODELS:
         raise ValueError(f"unknown model name={name!r}; choices: {sorted(MODELS)}")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:

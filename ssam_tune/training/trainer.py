@@ -91,9 +91,8 @@ def resolve_normalize(method_cfg) -> str:
 def load_data(cfg: Config) -> Data:
     """Load the configured data set with its seeded validation split."""
     d = cfg.data
-    augment = None if d.augment in (None, "none") else d.augment
     return load_dataset(d.name, root=d.root, download=d.download, val_fraction=d.val_fraction,
-                        seed=cfg.seed, augment=augment, label_noise=d.label_noise)
+                        seed=cfg.seed, augment=d.augment, label_noise=d.label_noise, kwargs=d.kwargs)
 
 
 def _balanced_subset(split: Split, size: int, seed: int) -> Split:
@@ -207,8 +206,9 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed + _STREAMS["init"])
             kw = {"depth": m.depth, "widen_factor": m.widen_factor} if m.name == "wrn28_10" else {}
-            self.model = build_model(m.name, data.num_classes, width=m.width, input_size=data.image_size, **kw)
-        self.input_shape = (3, data.image_size, data.image_size)  # one sample, for FLOPs counts
+            self.model = build_model(m.name, data.num_classes, width=m.width, input_shape=data.sample_shape,
+                                     **kw, **m.kwargs)
+        self.input_shape = data.sample_shape  # one sample, for FLOPs counts
         self.flops = FlopsModel.from_model(self.model, self.input_shape, self.cfg.train.batch_size)
         if self.cfg.train.sync_bn and self.world > 1:
             # batch statistics over the global batch, as one worker computes them

@@ -32,6 +32,7 @@ from ssam_tune.training.config import (
     rule,
     set_by_path,
 )
+from ssam_tune.training.user_code import is_import_string
 
 __all__ = ["Dist", "SearchSpace", "TuneSettings", "load_space", "resolve_config", "sample_params", "smoke",
            "space_to_dict"]
@@ -640,8 +641,11 @@ def smoke(space: SearchSpace) -> SearchSpace:
     if b["model"]["name"] in ("resnet50", "wrn28_10"):
         b["model"]["name"] = "resnet18"
     b["model"]["width"] = 0.125
-    b["data"].update({"name": "embedded", "root": None, "download": False, "train_size": 512, "augment": None,
-                      "val_fraction": max(0.1, b["data"]["val_fraction"])})
+    if is_import_string(b["data"]["name"]):  # a user's data set stays (a model may need its shape)
+        b["data"].update({"train_size": min(b["data"]["train_size"] or 512, 512)})
+    else:
+        b["data"].update({"name": "embedded", "root": None, "download": False, "train_size": 512, "augment": None,
+                          "val_fraction": max(0.1, b["data"]["val_fraction"])})
     b["train"].update({"epochs": 2, "batch_size": 64, "eval_batch_size": 256, "warmup_epochs": 0,
                        "device": "auto", "max_steps_per_epoch": None})
     if b["method"]["N_F"] > 64:
@@ -651,7 +655,8 @@ def smoke(space: SearchSpace) -> SearchSpace:
     t = s.tune
     t.num_samples = min(t.num_samples, 4)
     t.n_startup_trials = min(t.n_startup_trials, 2)
-    t.grace_period = 1
+    if t.scheduler != "none":
+        t.grace_period = 1
     t.cpu, t.gpu = 1.0, 0.0
     b["train"]["sync_bn"] = False  # CUDA only
     t.workers = min(t.workers, 2)  # a data-parallel space keeps the Ray Train path, on 2 CPU workers
