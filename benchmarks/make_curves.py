@@ -199,15 +199,25 @@ def _fmt(value):
     return value
 
 
-def log_sitting(path: Path, **fields) -> None:
-    """One line per sitting in ``<table>.sittings.csv``: when, where, how many runs, how long."""
+def log_sitting(path: Path, replace_last: bool = False, **fields) -> None:
+    """One line per sitting in ``<table>.sittings.csv``: when, where, how many runs, how long.
+    ``replace_last`` rewrites the sitting's own line (kept current after every finished run,
+    so a sitting that is killed leaves its line as of its last run)."""
     log = path.with_suffix(".sittings.csv")
-    new = not log.exists()
-    with open(log, "a", newline="") as f:
+    rows = []
+    if log.exists():
+        with open(log, newline="") as f:
+            rows = list(csv.DictReader(f))
+    if replace_last and rows:
+        rows[-1] = fields
+    else:
+        rows.append(fields)
+    tmp = log.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(fields), lineterminator="\n")
-        if new:
-            writer.writeheader()
-        writer.writerow(fields)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in fields} for r in rows)
+    os.replace(tmp, log)
 
 
 # -- the datasheet -------------------------------------------------------------------------------
@@ -320,22 +330,26 @@ def main(argv: list[str] | None = None) -> int:
           f"({args.jobs} jobs x {args.threads} threads)", flush=True)
     start, finished = time.time(), 0
     started_at = datetime.datetime.now(datetime.timezone.utc)
-    try:
-        with ProcessPoolExecutor(args.jobs, initializer=_init_worker, initargs=(args.threads,)) as pool:
-            futures = {pool.submit(run_one, args.setting, p, s, args.data_root): (p, s) for p, s in todo}
-            for fut in as_completed(futures):
-                params, seed = futures[fut]
-                rows = fut.result()
-                append_rows(out, rows)
-                finished += 1
-                last = rows[-1]
-                print(f"[{finished}/{len(todo)} {time.time() - start:6.0f}s] {config_id(params)} seed {seed}: "
-                      f"val {last['val_acc']:.4f} test {last['test_acc']:.4f} {last['status']} "
-                      f"{last['train_seconds']:.1f}s", flush=True)
-    finally:
-        log_sitting(out, started_utc=f"{started_at:%Y-%m-%d %H:%M}", wall_seconds=round(time.time() - start),
-                    runs=finished, jobs=args.jobs, threads=args.threads, host=platform.node(),
-                    cpus=os.cpu_count(), python=platform.python_version(), argv=" ".join(sys.argv[1:]))
+
+    def sitting(replace_last: bool) -> None:
+        log_sitting(out, replace_last, started_utc=f"{started_at:%Y-%m-%d %H:%M}",
+                    wall_seconds=round(time.time() - start), runs=finished, jobs=args.jobs, threads=args.threads,
+                    host=platform.node(), cpus=os.cpu_count(), python=platform.python_version(),
+                    argv=" ".join(sys.argv[1:]))
+
+    sitting(False)
+    with ProcessPoolExecutor(args.jobs, initializer=_init_worker, initargs=(args.threads,)) as pool:
+        futures = {pool.submit(run_one, args.setting, p, s, args.data_root): (p, s) for p, s in todo}
+        for fut in as_completed(futures):
+            params, seed = futures[fut]
+            rows = fut.result()
+            append_rows(out, rows)
+            finished += 1
+            sitting(True)
+            last = rows[-1]
+            print(f"[{finished}/{len(todo)} {time.time() - start:6.0f}s] {config_id(params)} seed {seed}: "
+                  f"val {last['val_acc']:.4f} test {last['test_acc']:.4f} {last['status']} "
+                  f"{last['train_seconds']:.1f}s", flush=True)
     return 0
 
 
