@@ -19,8 +19,8 @@ def test_python_api_example_runs():
 
 
 def test_files_named_in_readme_exist():
-    names = set(re.findall(r"\b((?:search_spaces|configs|cluster|benchmarks|scripts|examples)/[\w.\-/]+\.(?:yaml|py|sh|txt|md))",
-                           README))
+    folders = "search_spaces|configs|cluster|benchmarks|scripts|examples"
+    names = set(re.findall(rf"\b((?:{folders})/[\w.\-/]+\.(?:yaml|py|sh|txt|md))", README))
     assert names
     missing = sorted(n for n in names if not (REPO / n).exists())
     assert not missing, missing
