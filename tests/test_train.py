@@ -23,7 +23,7 @@ from ssam_tune.training.trainer import Trainer, load_checkpoint
 TINY = {"model": {"width": 0.0625}, "data": {"train_size": 512, "val_fraction": 0.1},
         "train": {"epochs": 2, "batch_size": 64}}
 TINY_STEPS = steps_per_epoch(TINY["data"]["train_size"], TINY["train"]["batch_size"])  # optimizer steps / epoch
-TIMING = {"epoch_seconds", "images_per_second", "train_seconds"}
+TIMING = {"epoch_seconds", "images_per_second", "train_seconds", "flops_count_seconds"}
 
 
 def tiny(name: str, **over) -> dict:
@@ -224,3 +224,29 @@ def test_test_set_is_skipped_between_test_epochs_without_a_new_best(embedded):
     metrics = list(trainer.epochs())
     assert math.isnan(metrics[1]["test_acc"])  # no new best, not a test epoch: skipped
     assert metrics[-1]["test_acc_at_best"] == 0.1 and metrics[-1]["test_acc"] == 0.3
+
+
+def test_flops_counting_is_left_out_of_the_epoch_seconds(embedded, monkeypatch):
+    """Counting FLOPs (the per-tensor cost table of tensor masks, the pass at w recounted) is
+    accounting, not training: on a clock that only the counting advances, the epochs take 0 s
+    and ``flops_count_seconds`` holds all of it, in the epoch where the counting happened."""
+    import ssam_tune.training.trainer as T
+
+    clock = [0.0]
+    monkeypatch.setattr(T.time, "perf_counter", lambda: clock[0])
+    table, recount = T.backward_flops_per_tensor, T.forward_backward_flops
+
+    def slow(fn, seconds):
+        def wrapped(*args, **kwargs):
+            clock[0] += seconds
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(T, "backward_flops_per_tensor", slow(table, 100.0))
+    cfg = config_from_dict(tiny("ssam_f", method={"granularity": "tensor", "N_F": 16, "T_m": 1}))
+    trainer = Trainer(cfg, data=embedded)  # the model's own FLOPs count runs here, before any epoch
+    monkeypatch.setattr(T, "forward_backward_flops", slow(recount, 1.0))
+    metrics = list(trainer.epochs())
+    assert [m["epoch_seconds"] for m in metrics] == [0.0, 0.0] and metrics[-1]["train_seconds"] == 0.0
+    # one refresh per epoch: the cost table (100 s here) and the pass at w recounted (1 s)
+    assert [m["flops_count_seconds"] for m in metrics] == [101.0, 101.0]

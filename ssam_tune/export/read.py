@@ -35,7 +35,7 @@ STATUSES = ("completed", "pruned", "diverged", "errored", "pending")
 BASELINE_ORDER = ("sgd", "sam", "ssam")
 # Per-epoch metrics of ssam_tune.training.trainer.Trainer, in the order the CSV shows them.
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "mask_density",
-           "mask_overlap", "mask_refreshes", "e_norm", "epoch_seconds", "images_per_second",
+           "mask_overlap", "mask_refreshes", "e_norm", "epoch_seconds", "flops_count_seconds", "images_per_second",
            "flops_theoretical", "flops_executed", "flops_mask", "flops_steps_theoretical",
            "flops_steps_executed", "train_seconds")
 # Ray's bookkeeping keys in result.json: not metrics.
