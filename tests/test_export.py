@@ -500,3 +500,16 @@ def test_uri_experiment_reads_its_journal_from_the_cache(tmp_path, monkeypatch):
     rows = {r["label"]: r for r in read_csv(tmp_path / "out" / "trials.csv")}
     assert rows["optuna0"]["optuna_status"] == "completed"
     assert f"Experiment folder `{uri}`" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_pruned_trials_are_drawn_at_their_full_runs_cost():
+    """pareto.png: a trial stopped at epoch 6 of 12 after spending 0.9x SGD's full-run cost
+    sits at 1.8x, never left of trials it could not have beaten at that cost."""
+    from ssam_tune.export.plot import plotted_cost
+
+    pruned = {"status": "pruned", "flops_theoretical": 9.0, "epochs_reached": 6, "train.epochs": 12}
+    done = {"status": "completed", "flops_theoretical": 9.0, "epochs_reached": 12, "train.epochs": 12}
+    assert plotted_cost(pruned, "flops_theoretical", 10.0) == pytest.approx(1.8)
+    assert plotted_cost(done, "flops_theoretical", 10.0) == pytest.approx(0.9)
+    assert plotted_cost(pruned, "flops_theoretical", None) == pytest.approx(18.0)
+    assert plotted_cost({**pruned, "epochs_reached": 0}, "flops_theoretical", 10.0) is None

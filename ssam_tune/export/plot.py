@@ -11,6 +11,17 @@ from ssam_tune.export.write import cost_words
 from ssam_tune.storage.files import atomic_write
 
 
+def plotted_cost(row: dict, cost_metric: str, sgd_cost: float | None) -> float | None:
+    """Where a trial sits on the cost axis: its cost (a multiple of SGD's when ``sgd_cost`` is
+    given); a pruned trial at the cost of its full run (what it spent, scaled from the epochs
+    it reached to ``train.epochs``), which is what it would have cost to know its accuracy."""
+    c = row.get(cost_metric)
+    if c is not None and row["status"] == "pruned":
+        reached, epochs = row.get("epochs_reached"), row.get("train.epochs")
+        c = c * epochs / reached if reached and epochs else None
+    return None if c is None else (c / sgd_cost if sgd_cost else c)
+
+
 def plot_front(rows: list[dict], front: list[dict], path: str | os.PathLike, *, title: str,
                cost_metric: str = "flops_theoretical", flops_kind: str = "theoretical",
                sgd_cost: float | None = None) -> tuple[list[float], list[float]]:
@@ -18,9 +29,11 @@ def plot_front(rows: list[dict], front: list[dict], path: str | os.PathLike, *, 
     front as drawn (x: cost as a multiple of SGD's when ``sgd_cost`` is given, else the
     cost itself; y: val_acc), so callers can check them against pareto.csv.
 
-    Completed trials are light points (by method), the front a step line through exactly the
-    ``front`` rows, the anchors (SGD 1x, SAM ~2x, the default SSAM) marked and labelled, and
-    pruned trials faint crosses at their last accuracy (not full fidelity). Uses the Agg
+    Completed trials are points (by method), the front a step line through exactly the
+    ``front`` rows, the anchors (SGD 1x, SAM ~2x, the default SSAM) marked and named in the
+    legend, and pruned trials faint crosses at their last accuracy, drawn at the cost their
+    full run would have had (their cost so far scaled to ``train.epochs``, the cost MO-ASHA
+    ranks them by), so a trial stopped early never looks cheaper than it is. Uses the Agg
     canvas directly: no pyplot, no global backend change.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -28,8 +41,7 @@ def plot_front(rows: list[dict], front: list[dict], path: str | os.PathLike, *, 
     from matplotlib.ticker import PercentFormatter
 
     def xval(r):
-        c = r.get(cost_metric)
-        return None if c is None else (c / sgd_cost if sgd_cost else c)
+        return plotted_cost(r, cost_metric, sgd_cost)
 
     fig = Figure(figsize=(11, 5.8), dpi=110)
     FigureCanvasAgg(fig)
@@ -42,10 +54,10 @@ def plot_front(rows: list[dict], front: list[dict], path: str | os.PathLike, *, 
     colors = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     if pruned:
         ax.scatter([xval(r) for r in pruned], [r["val_acc"] for r in pruned], marker="x", s=22, color="0.6",
-                   alpha=0.5, linewidths=1, label="pruned: accuracy when stopped (not full fidelity)", zorder=1)
+                   alpha=0.5, linewidths=1, label="pruned: accuracy when stopped, at its full run's cost", zorder=1)
     for m in methods:
         pts = [r for r in completed if str(r.get("method.name")) == m]
-        ax.scatter([xval(r) for r in pts], [r["val_acc"] for r in pts], s=36, color=colors[m], alpha=0.35,
+        ax.scatter([xval(r) for r in pts], [r["val_acc"] for r in pts], s=36, color=colors[m], alpha=0.8,
                    edgecolors="none", label=f"completed: {m}", zorder=2)
     front = sorted(front, key=xval)  # a step line runs left to right (stable: ties keep their order)
     fx = [xval(r) for r in front]
@@ -53,7 +65,7 @@ def plot_front(rows: list[dict], front: list[dict], path: str | os.PathLike, *, 
     if front:
         ax.step(fx, fy, where="post", color="black", linewidth=1.6, zorder=3,
                 label=f"Pareto front ({len(front)} completed trial{'s' if len(front) != 1 else ''})")
-        ax.scatter(fx, fy, s=42, color="black", zorder=4)
+        ax.scatter(fx, fy, s=70, facecolors="none", edgecolors="black", linewidths=1.3, zorder=4)  # method shows
         for x, y, r in zip(fx, fy, front, strict=True):
             if r["kind"] == "baseline" and r["label"] in BASELINE_ORDER:
                 continue  # labelled as an anchor below
@@ -73,10 +85,9 @@ def plot_front(rows: list[dict], front: list[dict], path: str | os.PathLike, *, 
             text = f"{names[r['label']]} ({x:.2f}x)" if sgd_cost else names[r["label"]]
             if sgd_cost and r["label"] == "sgd":
                 text = "SGD (1x)"
+            # named in the legend by its marker: labels next to anchors ran into each other
             ax.scatter([x], [r["val_acc"]], marker=shape, s=110, facecolors="none", edgecolors=color,
                        linewidths=2, zorder=5, label=f"anchor: {text}")
-            ax.annotate(text, (x, r["val_acc"]), textcoords="offset points", xytext=(6, 6), fontsize=8,
-                        color=color, fontweight="bold")
     what, unit = cost_words(flops_kind)
     if sgd_cost:
         ax.set_xlabel(f"{what}, multiple of SGD's (1x = {sgd_cost:.3g} {unit})")
