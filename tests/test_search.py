@@ -313,6 +313,10 @@ def test_resume_auto_starts_then_resumes_and_ray_client_is_refused(tmp_path, mon
     r = _run_cli(args, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "--resume auto: starting" in r.stdout
+    # the console is the search's: none of Ray's banners, INFO lines or notices
+    for noise in ("Number of trials", "View detailed results", "Token authentication", "Started a local Ray",
+                  "Wrote the latest version"):
+        assert noise not in r.stdout + r.stderr, noise
     first = read_rows(tmp_path / "fast" / "trials.csv")
     r = _run_cli(args, cwd=tmp_path)  # the job restarted after the search finished
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -16,6 +16,7 @@ that Ray and leaves it running, so a caller can run several searches in one Ray.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -76,7 +77,18 @@ def init_ray(address: str | None, dashboard: bool = False) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         # A fresh local instance; its dashboard (and state API) only where needed, on loopback.
-        ray.init(address="local", include_dashboard=dashboard, runtime_env=runtime_env, log_to_driver=True)
+        # WARNING keeps Ray's INFO lines ("Started a local Ray instance", "Wrote the latest
+        # version of all result files") out of the console, where Progress prints the search's
+        # own; the notice that token authentication is on (Ray's default for a new local
+        # instance, kept) is left out too, as it says nothing the user must act on.
+        auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = auth.level
+        auth.setLevel(logging.ERROR)
+        try:
+            ray.init(address="local", include_dashboard=dashboard, runtime_env=runtime_env, log_to_driver=True,
+                     logging_level=logging.WARNING)
+        finally:
+            auth.setLevel(level)
     if dashboard:
         try:
             require_state_api()
@@ -230,7 +242,12 @@ def run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: s
         # Ray keeps ONE pending trial for a searcher that limits concurrency itself (as this one
         # does), so an autoscaler would add GPU nodes one at a time: let it see the demand.
         pending = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG") or str(concurrent or PENDING_TRIALS)
-        with fit_context or contextlib.nullcontext(), _env("TUNE_MAX_PENDING_TRIALS_PG", pending):
+        # RAY_AIR_NEW_OUTPUT 0: Ray's older reporter, which verbose=0 silences; the newer one
+        # prints its box (with "Number of trials 9223372036854775807" for the searcher-ended
+        # search) and "View detailed results here: <Ray's folder>" whatever the verbosity,
+        # while Progress already prints a line per result and the exports their own paths
+        with fit_context or contextlib.nullcontext(), _env("TUNE_MAX_PENDING_TRIALS_PG", pending), \
+                _env("RAY_AIR_NEW_OUTPUT", os.environ.get("RAY_AIR_NEW_OUTPUT", "0")):
             tuner.fit()
     return exp
 
