@@ -41,6 +41,39 @@ def test_progress_prints_one_line_per_result_and_per_end(capsys):
     assert "optuna1       diverged (NaN/inf loss) in epoch 3   | 1 completed, 1 pruned, 1 failed" in lines[8]
 
 
+def test_progress_counts_trials_of_the_budget_and_estimates_the_time_left(capsys, monkeypatch):
+    """6 epochs run in 60 s of a budget of 3 trials x 4 epochs, 1 skipped by a pruned trial:
+    5 epochs left, ~50 s; the SGD anchor's cost and the counts survive a resume (the
+    callback's state), the pace restarts with the new driver."""
+    import ssam_tune.tuning.progress as P
+
+    clock = [0.0]
+    monkeypatch.setattr(P.time, "monotonic", lambda: clock[0])
+    p = Progress(epochs=4, cost_metric="flops_theoretical", budget=3)
+    p.setup()
+    sgd, cut = trial("a", "sgd", anchor=True), trial("b", "optuna0")
+    for e in range(1, 4):
+        p.on_trial_result(0, [sgd, cut], sgd, {"epoch": e, "val_acc": 0.1, "flops_theoretical": 10.0 * e})
+    for e in range(1, 4):
+        p.on_trial_result(0, [sgd, cut], cut, {"epoch": e, "val_acc": 0.1, "flops_theoretical": 15.0 * e})
+    clock[0] = 60.0
+    p.on_trial_complete(0, [sgd, cut], cut)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.endswith("(pruned)   | 1 of 3 done: 0 completed, 1 pruned, 0 failed, 1 running; ~50 s left at most"), \
+        line
+    again = Progress(epochs=4, cost_metric="flops_theoretical", budget=3)
+    again.set_state(p.get_state())
+    again.setup()
+    clock[0] = 100.0
+    again.on_trial_result(0, [sgd], sgd, {"epoch": 4, "val_acc": 0.2, "flops_theoretical": 40.0})
+    sgd.status = "TERMINATED"
+    again.on_trial_complete(0, [sgd], sgd)
+    line = capsys.readouterr().out.splitlines()[-1]
+    # 6 epochs run and 1 skipped before the resume, 1 run since in 40 s: 4 left, 160 s
+    assert line.endswith("completed   val_acc 0.200   cost 1.00x SGD   | 2 of 3 done: 1 completed, 1 pruned, 0 failed; "
+                         "~2.7 min left at most"), line
+
+
 def test_end_report_names_the_front_the_best_and_the_next_commands(tmp_path):
     space = load_space(write_yaml(tmp_path / "s.yaml", fast_space()))
     row = {"kind": "baseline", "label": "sgd", "trial_id": "a", "status": "completed", "method.name": "sgd",
@@ -61,3 +94,12 @@ def test_end_report_names_the_front_the_best_and_the_next_commands(tmp_path):
     assert SGD_DOMINATES not in text and "optuna-dashboard" not in text
     front = text.split("cheapest first:")[1]
     assert front.index(" 1.00x SGD  val_acc") < front.index(" 1.50x SGD  val_acc")
+
+
+def test_front_costs_print_with_the_decimals_that_separate_them():
+    from ssam_tune.export.summary import separating_digits
+
+    assert separating_digits([1.0, 1.447, 1.454, 2.0]) == 3  # 1.45 and 1.45 at two decimals
+    assert separating_digits([1.0, 1.5, 2.0]) == 2
+    assert separating_digits([1.0, 1.00001, 1.00002]) == 4  # at most four
+    assert separating_digits([]) == 2

@@ -204,6 +204,18 @@ SGD_DOMINATES = ("At this scale SGD dominates: no costlier trial beat its valida
                  "space such as search_spaces/resnet18_cifar10.yaml.")
 
 
+def separating_digits(values: list[float], least: int = 2, most: int = 4) -> int:
+    """The fewest decimals (``least`` to ``most``) at which distinct costs print distinctly, so
+    that two front points of 1.447x and 1.454x do not both read 1.45x (one would look
+    dominated by the other)."""
+    distinct = sorted(set(values))
+    for digits in range(least, most + 1):
+        shown = [f"{v:.{digits}f}" for v in distinct]
+        if len(set(shown)) == len(shown):
+            return digits
+    return most
+
+
 def console_text(space, rows: list[dict], front: list[dict], best: dict | None, keys: list[str], out: Path,
                  journal: str | None) -> str:
     """What the search prints when it ends: counts, the best trial, the front, what to run next."""
@@ -219,8 +231,9 @@ def console_text(space, rows: list[dict], front: list[dict], best: dict | None, 
                      f"{fmt_pct(best['val_acc'])}, test_acc {fmt_pct(best.get('test_acc'))}{rel}")
     if front:
         lines.append(f"Pareto front (completed trials; val_acc max, {cost} min), cheapest first:")
+        digits = separating_digits([r["flops_rel"] for r in front if r.get("flops_rel")])
         for r in front:
-            rel = f"{r['flops_rel']:5.2f}x SGD" if r.get("flops_rel") else fmt_sci(r.get(cost))
+            rel = f"{r['flops_rel']:{digits + 3}.{digits}f}x SGD" if r.get("flops_rel") else fmt_sci(r.get(cost))
             hp = _fmt_hp(r, keys)
             lines.append(f"  {rel}  val_acc {fmt_pct(r['val_acc'])}  test_acc {fmt_pct(r.get('test_acc'))}  "
                          f"{r['label']} [{r.get('method.name')}{'; ' + hp if hp else ''}]")

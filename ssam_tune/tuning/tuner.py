@@ -212,7 +212,7 @@ def build_tuner(space: SearchSpace, *, storage: str, resume: bool, trainable: Ca
             name=space.name, storage_path=storage, stop=stop,
             # Ray's default loggers are off while fit() runs (the caller's fit_context): its
             # JSON and CSV ones are passed here, the caller's callbacks after them
-            callbacks=[RungStateCallback(scheduler), Progress(space.epochs, t.flops_metric),
+            callbacks=[RungStateCallback(scheduler), Progress(space.epochs, t.flops_metric, space.budget()),
                        JsonLoggerCallback(), CSVLoggerCallback(), *callbacks, RestoreFromNewest(),
                        *([PruneCheckpoints(exp, space.epochs)] if t.retain_checkpoints == "front" else [])],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints),
