@@ -70,3 +70,27 @@ def test_yaml_level_errors(tmp_path):
     with pytest.raises(ConfigError, match="expected key=value"):
         (tmp_path / "ok.yaml").write_text("{}\n")
         load_config(tmp_path / "ok.yaml", ["method.rho"])
+
+
+def test_one_does_not_apply_rule_and_configs_with_only_the_keys_that_apply():
+    from ssam_tune.training.config import applying_config, config_to_dict, flatten, key_applies
+
+    sgd_vgg = config_to_dict(config_from_dict({"model": {"name": "vgg11_bn"}, "data": {"augment": "none"},
+                                               "method": {"name": "sgd"}}))
+    flat = flatten(sgd_vgg)
+    gone = {k for k in flat if not key_applies(flat, k)}
+    assert {"method.rho", "method.sparsity", "method.N_F", "method.alpha", "method.T_m", "model.depth",
+            "model.widen_factor", "data.cutout", "data.download", "data.num_workers", "train.inject_nan_at_step",
+            "train.inject_kill_at_step"} <= gone
+    assert {k for k in gone if not k.startswith("method.")} == {
+        "model.depth", "model.widen_factor", "data.cutout", "data.download", "data.num_workers",
+        "train.inject_nan_at_step", "train.inject_kill_at_step"}
+    short = applying_config(sgd_vgg)
+    assert not any(k in flatten(short) for k in gone) and short["method"] == {"name": "sgd"}
+    assert config_from_dict(short) == config_from_dict(sgd_vgg)  # the same run
+    ssam_f = config_to_dict(config_from_dict({"model": {"name": "wrn28_10"}, "method": {"name": "ssam_f"},
+                                              "train": {"inject_nan_at_step": 5}}))
+    flat = flatten(ssam_f)
+    assert key_applies(flat, "model.depth") and key_applies(flat, "method.N_F") and key_applies(flat, "data.cutout")
+    assert key_applies(flat, "train.inject_nan_at_step") and not key_applies(flat, "method.alpha")
+    assert config_from_dict(applying_config(ssam_f)) == config_from_dict(ssam_f)

@@ -347,7 +347,7 @@ def test_tensorboard_runs_with_hparams(exported):
             assert scalars["final/val_acc"][0][1] == pytest.approx(0.58)
             assert "final/test_acc" in scalars and "final/flops" in scalars and "flops_theoretical" in scalars
         if run.name.startswith("sgd_"):
-            assert hparams["method.rho"].number_value == 0  # does not apply to SGD: the sentinel
+            assert hparams["method.rho"].number_value == -1  # does not apply to SGD: the sentinel, not a 0
     top = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert len(top) == 1  # the HParams experiment config (columns and metrics)
 

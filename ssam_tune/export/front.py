@@ -79,13 +79,8 @@ def hp_keys(space, rows: list[dict]) -> list[str]:
     return [k for k in keys if any(k in r for r in rows)] or keys
 
 
-def _applies(key: str, method: str | None) -> bool:
-    from ssam_tune.method.methods import applies
-
-    return method is None or applies(key, method)
-
-
 def hp_values(row: dict, keys: list[str]) -> dict:
-    """The row's values of ``keys``; None where the key does not apply to its method."""
-    method = row.get("method.name")
-    return {k: (row.get(k) if _applies(k, method) else None) for k in keys}
+    """The row's values of ``keys``; None where the key does not apply (training/config.key_applies)."""
+    from ssam_tune.training.config import key_applies
+
+    return {k: (row.get(k) if key_applies(row, k) else None) for k in keys}

@@ -29,7 +29,7 @@ from ssam_tune.storage.experiment import (
     Experiment,
     full_fidelity,
 )
-from ssam_tune.training.config import flatten
+from ssam_tune.training.config import flatten, key_applies
 
 STATUSES = ("completed", "pruned", "diverged", "errored", "pending")
 BASELINE_ORDER = ("sgd", "sam", "ssam")
@@ -306,8 +306,9 @@ def _read_trial(path: Path) -> dict:
     row["date_first"] = date_first
     row["date_last"] = date_last
     row["hostname"] = last.get("hostname")
-    for key, value in flatten(config).items():
-        row[f"{key}"] = value
+    flat = flatten(config)
+    for key, value in flat.items():  # a value that does not apply is left empty, as in every output
+        row[key] = value if key_applies(flat, key) else None
     row["_series"] = series
     row["_config"] = config
     row["_params"] = meta.get("params") or {}

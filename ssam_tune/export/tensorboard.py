@@ -33,7 +33,9 @@ from ssam_tune.export.write import safe_name
 from ssam_tune.storage.files import atomic_write, new_dir, swap_dir
 from ssam_tune.training.config import flatten
 
-NOT_APPLICABLE_NUMBER, NOT_APPLICABLE_TEXT = 0, "n/a"
+# A numeric hyper-parameter that does not apply (N_F of SAM): -1, which no searched key can
+# take (they are all >= 0), so it does not read as a real 0; text ones read "n/a".
+NOT_APPLICABLE_NUMBER, NOT_APPLICABLE_TEXT = -1, "n/a"
 KINDS = ("baseline", "search", "case")
 # Columns the HParams dashboard ticks by default: the first SHOWN metrics below, and the
 # SHOWN hyper-parameters marked as differing (see the module doc).

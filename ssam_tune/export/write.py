@@ -65,7 +65,9 @@ def yaml_config(row: dict, exp_name: str, cost_metric: str, why: str) -> str:
         "# Selected on validation accuracy; the test accuracy is only reported.",
         "# Run it: python -m ssam_tune.train THIS_FILE",
     ]
-    return "\n".join(header) + "\n" + yaml.safe_dump(row["_config"], sort_keys=False)
+    from ssam_tune.training.config import applying_config
+
+    return "\n".join(header) + "\n" + yaml.safe_dump(applying_config(row["_config"]), sort_keys=False)
 
 
 def fmt_pct(value: Any) -> str:

@@ -26,8 +26,8 @@ import yaml
 from ssam_tune.method.methods import METHODS
 
 __all__ = ["Config", "ConfigError", "DataConfig", "MethodConfig", "ModelConfig", "TrainConfig", "apply_overrides",
-           "build_section", "config_from_dict", "config_to_dict", "flatten", "load_config", "load_yaml", "rule",
-           "set_by_path"]
+           "applying_config", "build_section", "config_from_dict", "config_to_dict", "flatten", "key_applies",
+           "load_config", "load_yaml", "rule", "set_by_path"]
 
 MODEL_NAMES = ("resnet18", "wrn28_10", "vgg11_bn", "resnet50")
 # module path, a colon, then the attribute path: "mypkg.models:tiny_vit"
@@ -349,6 +349,49 @@ def config_from_dict(data: Any, source: str | None = None) -> Config:
 
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def key_applies(flat: dict, key: str) -> bool:
+    """Whether the dotted ``key`` means something in the training config ``flat`` (dotted
+    keys, e.g. a trials.csv row): the ONE "does not apply" rule of every output (trials.csv
+    and pareto.csv leave such values empty, TensorBoard marks them, best_config.yaml and the
+    front's configs leave the keys out). A ``method.*`` key applies to the methods whose row
+    lists it (method/methods.py); ``depth`` and ``widen_factor`` to the WideResNet; ``width`` to
+    the built-in networks; ``cutout`` unless augmentation is off or ImageNet's; ``download`` to
+    CIFAR; ``num_workers`` to image folders; the fault injections only when set."""
+    section, _, name = key.partition(".")
+    if section == "method":
+        from ssam_tune.method.methods import applies
+
+        method = flat.get("method.name")
+        return method is None or applies(key, method)
+    model, data = flat.get("model.name"), flat.get("data.name")
+    if key in ("model.depth", "model.widen_factor"):
+        return model is None or model == "wrn28_10"
+    if key == "model.width":
+        return model is None or not IMPORT_RE.match(str(model))
+    if key == "data.cutout":
+        return flat.get("data.augment") not in ("none", "imagenet")
+    if key == "data.download":
+        return data is None or data in ("cifar10", "cifar100")
+    if key == "data.num_workers":
+        return data is None or data == "imagefolder"
+    if key in ("model.kwargs", "data.kwargs"):
+        return bool(flat.get(key))
+    if section == "train" and name.startswith("inject_"):
+        return flat.get(key) is not None
+    return True
+
+
+def applying_config(config: dict) -> dict:
+    """A nested training config with only the keys that apply (:func:`key_applies`); it
+    builds the same Config (the keys left out take their defaults, which nothing reads)."""
+    flat = flatten(config, sections=SECTIONS)
+    out: dict = {}
+    for key, value in flat.items():
+        if key_applies(flat, key):
+            set_by_path(out, key, value)
+    return out
 
 
 class _StrictLoader(yaml.SafeLoader):
