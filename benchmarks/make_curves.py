@@ -250,9 +250,11 @@ def datasheet(settings: list[str]) -> str:
                   f"- **Grid**: {len(grid(setting))} configs (`GRIDS['{setting}']` in make_curves.py) x seeds "
                   f"{list(SEEDS)}; the table holds {len(runs)} of {expected} runs ({len(configs)} configs, seeds "
                   f"{seeds}), {len(rows)} rows, {path.stat().st_size / 1e6:.2f} MB.",
-                  f"- **Command**: `.venv/bin/python benchmarks/make_curves.py {setting} --jobs 2`"
-                  + (" --data-root DIR" if fixed["data"].get("root", "") is None else "") +
-                  " (run again to resume or extend: it trains only the runs the table lacks).",
+                  f"- **Command**: `.venv/bin/python benchmarks/make_curves.py {setting} --jobs 2"
+                  + (" --data-root DIR`, DIR holding `../shared/data/cifar10-jpeg.tar.gz` extracted"
+                     if fixed["data"].get("root", "") is None else "`") +
+                  " (run again to resume or extend: it trains only the runs the table lacks; `--seeds` splits the "
+                  "work between processes).",
                   ]
         log = path.with_suffix(".sittings.csv")
         if log.exists():
