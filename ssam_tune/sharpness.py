@@ -1,0 +1,93 @@
+"""`python -m ssam_tune.sharpness RUN_OR_CHECKPOINT`: how sharp the minimum a run found is.
+
+    python -m ssam_tune.sharpness runs/ssam_f_embedded/            # a train CLI run folder
+    python -m ssam_tune.sharpness results/ray/<name>/checkpoints/<trial id>/checkpoint.pt
+    python -m ssam_tune.sharpness RUN --samples 1000 --iters 20 --trace-samples 20 [--json]
+
+Reads the checkpoint (``checkpoint.pt``, or a folder holding one), rebuilds the model from the
+config stored in it, and reports, on a fixed seeded subset of the training split (not
+augmented; BatchNorm in eval mode): the top Hessian eigenvalue ``lambda_max`` and the k-th
+(Lanczos on Hessian-vector products), their ratio, and the Hessian trace (Hutchinson), all
+of the mean training cross-entropy (method/sharpness.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "measure"]
+
+
+def _checkpoint(path: Path) -> Path:
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint here (give a checkpoint.pt, or the folder of a run of "
+                                "python -m ssam_tune.train, or a trial's checkpoints/<trial id>/ folder)")
+    return path
+
+
+def measure(path: str | Path, *, samples: int = 1000, k: int = 5, iters: int = 20, trace_samples: int = 20,
+            seed: int = 0, batch: int = 250) -> dict:
+    """The sharpness of the model in a checkpoint (see the module doc); also the number of
+    samples and the seconds it took."""
+    import torch
+
+    from ssam_tune.method.sharpness import sharpness
+    from ssam_tune.training.batches import sample_for_fisher
+    from ssam_tune.training.config import config_from_dict
+    from ssam_tune.training.trainer import Trainer, load_checkpoint
+
+    start = time.perf_counter()
+    ckpt = _checkpoint(Path(path))
+    state = load_checkpoint(ckpt)
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise ValueError(f"{ckpt}: not an ssam-tune training checkpoint")
+    cfg = config_from_dict(state["config"])
+    trainer = Trainer(cfg, device="cpu")  # the run's data split and model, on the CPU
+    trainer.model.load_state_dict(state["model"])
+    if not trainer.data.in_memory:
+        raise ValueError(f"{ckpt}: sharpness needs an in-memory data set (this run reads image files)")
+    x, y = sample_for_fisher(trainer.train_split, samples, torch.Generator().manual_seed(seed))
+    batches = [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
+    out = sharpness(trainer.model, batches, k=k, iters=iters, trace_samples=trace_samples, seed=seed)
+    return {"checkpoint": str(ckpt), "epoch": state.get("epoch"), "method": cfg.method.name, "samples": len(y),
+            **out, "seconds": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ssam_tune.sharpness", description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="a checkpoint.pt, or a folder holding one")
+    p.add_argument("--samples", type=int, default=1000, help="training samples (seeded, not augmented)")
+    p.add_argument("--k", type=int, default=5, help="report lambda_max and the k-th largest eigenvalue")
+    p.add_argument("--iters", type=int, default=20, help="Lanczos steps")
+    p.add_argument("--trace-samples", type=int, default=20, help="Hutchinson probes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    for name in ("samples", "k", "iters", "trace_samples"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        r = measure(args.run, samples=args.samples, k=args.k, iters=args.iters, trace_samples=args.trace_samples,
+                    seed=args.seed)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"{r['checkpoint']} (epoch {r['epoch']}, {r['method']}), {r['samples']} training samples, eval mode:")
+    print(f"  lambda_max {r['lambda_max']:.4g}   lambda_{args.k} {r[f'lambda_{args.k}']:.4g}   "
+          f"ratio {r[f'lambda_max_over_lambda_{args.k}']:.3g}")
+    print(f"  trace {r['trace']:.4g} +- {r['trace_stderr']:.2g} (Hutchinson, {args.trace_samples} probes)")
+    print(f"  {r['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
