@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 # resume): CI runs them a second time on the portable CPU kernels (no AVX2/AVX-512), because
 # users' CPUs round differently from the machine that wrote the tests.
 NUMERIC_TESTS := tests/test_optim.py tests/test_masks.py tests/test_flops.py tests/test_models.py \
-                 tests/test_methods.py tests/test_train.py tests/test_structured.py tests/test_distributed.py
+                 tests/test_methods.py tests/test_train.py tests/test_structured.py tests/test_distributed.py \
+                 tests/test_sharpness.py tests/test_own.py
 
 .PHONY: venv quickstart test test-fast lint test-portable clean
 
@@ -42,7 +43,7 @@ test-fast: venv
 
 # One thread per process, so two xdist workers use the two cores of a CI machine.
 test-portable: venv
-	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 $(NUMERIC_TESTS)
+	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -m "not e2e" $(NUMERIC_TESTS)
 
 clean:
 	rm -rf $(VENV) results/quickstart results/ray/quickstart
