@@ -136,8 +136,12 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_one(setting: str, params: dict, seed: int, data_root: str | None) -> list[dict]:
-    """Train one config with one seed; one row per epoch (a diverged run stops early)."""
+def run_one(setting: str, params: dict, seed: int, data_root: str | None, out: str | None = None) -> list[dict]:
+    """Train one config with one seed; one row per epoch (a diverged run stops early). Nothing
+    (an empty list) when the table ``out`` holds the run already: another process sharing the
+    table (``--reverse``) trained it since this one started."""
+    if out is not None and (config_id(params), seed) in done_runs(Path(out)):
+        return []
     from ssam_tune.training.config import config_from_dict
     from ssam_tune.training.trainer import Trainer, load_data
     from ssam_tune.tuning.space import resolve_config
@@ -313,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     ap.add_argument("--limit", type=int, help="train at most this many missing runs, then stop")
     ap.add_argument("--data-root", help="the image folder of the cifar10 setting (train/, test/)")
+    ap.add_argument("--reverse", action="store_true", help="the grid's configs in reverse order within each seed: "
+                    "a second process on the same table meets the first in the middle (each skips what the table "
+                    "holds when it comes to a run)")
     args = ap.parse_args(argv)
     if args.setting == "datasheet":
         (CURVES / "DATASHEET.md").write_text(datasheet(sorted(SETTINGS)))
@@ -323,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{args.setting} needs --data-root: extract ../shared/data/cifar10-jpeg.tar.gz "
                  "(tar xzf ... -C DIR) and pass DIR/ (the folder holding train/ and test/)")
     done = done_runs(out)
-    todo = [(p, s) for s in args.seeds for p in grid(args.setting) if (config_id(p), s) not in done]
+    order = grid(args.setting)[::-1] if args.reverse else grid(args.setting)
+    todo = [(p, s) for s in args.seeds for p in order if (config_id(p), s) not in done]
     if args.limit is not None:
         todo = todo[:args.limit]
     total = len(grid(args.setting)) * len(args.seeds)
@@ -341,10 +349,12 @@ def main(argv: list[str] | None = None) -> int:
 
     sitting(False)
     with ProcessPoolExecutor(args.jobs, initializer=_init_worker, initargs=(args.threads,)) as pool:
-        futures = {pool.submit(run_one, args.setting, p, s, args.data_root): (p, s) for p, s in todo}
+        futures = {pool.submit(run_one, args.setting, p, s, args.data_root, str(out)): (p, s) for p, s in todo}
         for fut in as_completed(futures):
             params, seed = futures[fut]
             rows = fut.result()
+            if not rows:  # another process trained it
+                continue
             append_rows(out, rows)
             finished += 1
             sitting(True)
