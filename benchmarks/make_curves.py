@@ -179,13 +179,16 @@ def done_runs(path: Path) -> set[tuple[str, int]]:
         return {(r["config"], int(r["seed"])) for r in csv.DictReader(f)}
 
 
-def append_rows(path: Path, rows: list[dict]) -> None:
+def append_rows(path: Path, rows: list[dict]) -> bool:
     """Append one run's rows in one write, under a lock, flushed to disk (a kill between runs
-    loses nothing; the header is written with the first run)."""
+    loses nothing; the header is written with the first run). False, and nothing written, if
+    the table holds that run already (two processes finished the same run)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", newline="") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
+            if (rows[0]["config"], int(rows[0]["seed"])) in done_runs(path):
+                return False
             writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
             if f.tell() == 0:
                 writer.writeheader()
@@ -193,6 +196,7 @@ def append_rows(path: Path, rows: list[dict]) -> None:
                 writer.writerow({k: _fmt(v) for k, v in row.items()})
             f.flush()
             os.fsync(f.fileno())
+            return True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -353,9 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         for fut in as_completed(futures):
             params, seed = futures[fut]
             rows = fut.result()
-            if not rows:  # another process trained it
+            if not rows or not append_rows(out, rows):  # another process trained it
                 continue
-            append_rows(out, rows)
             finished += 1
             sitting(True)
             last = rows[-1]
