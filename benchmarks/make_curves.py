@@ -207,25 +207,31 @@ def _fmt(value):
     return value
 
 
-def log_sitting(path: Path, replace_last: bool = False, **fields) -> None:
+def log_sitting(path: Path, **fields) -> None:
     """One line per sitting in ``<table>.sittings.csv``: when, where, how many runs, how long.
-    ``replace_last`` rewrites the sitting's own line (kept current after every finished run,
-    so a sitting that is killed leaves its line as of its last run)."""
+    A sitting's line (its ``started_utc`` and ``pid``) is rewritten after every finished run,
+    so a sitting that is killed leaves its line as of its last run; processes sharing the
+    table (``--reverse``) each keep their own line (the file is rewritten under a lock)."""
     log = path.with_suffix(".sittings.csv")
-    rows = []
-    if log.exists():
-        with open(log, newline="") as f:
-            rows = list(csv.DictReader(f))
-    if replace_last and rows:
-        rows[-1] = fields
-    else:
-        rows.append(fields)
-    tmp = log.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(fields), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: r.get(k, "") for k in fields} for r in rows)
-    os.replace(tmp, log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = []
+        if log.exists():
+            with open(log, newline="") as f:
+                rows = list(csv.DictReader(f))
+        mine = [i for i, r in enumerate(rows) if (r.get("started_utc"), r.get("pid")) ==
+                (str(fields["started_utc"]), str(fields["pid"]))]
+        if mine:
+            rows[mine[0]] = fields
+        else:
+            rows.append(fields)
+        tmp = log.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(fields), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows({k: r.get(k, "") for k in fields} for r in rows)
+        os.replace(tmp, log)
 
 
 # -- the datasheet -------------------------------------------------------------------------------
@@ -345,13 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     start, finished = time.time(), 0
     started_at = datetime.datetime.now(datetime.timezone.utc)
 
-    def sitting(replace_last: bool) -> None:
-        log_sitting(out, replace_last, started_utc=f"{started_at:%Y-%m-%d %H:%M}",
+    def sitting() -> None:
+        log_sitting(out, started_utc=f"{started_at:%Y-%m-%d %H:%M}", pid=os.getpid(),
                     wall_seconds=round(time.time() - start), runs=finished, jobs=args.jobs, threads=args.threads,
                     host=platform.node(), cpus=os.cpu_count(), python=platform.python_version(),
                     argv=" ".join(sys.argv[1:]))
 
-    sitting(False)
+    sitting()
     with ProcessPoolExecutor(args.jobs, initializer=_init_worker, initargs=(args.threads,)) as pool:
         futures = {pool.submit(run_one, args.setting, p, s, args.data_root, str(out)): (p, s) for p, s in todo}
         for fut in as_completed(futures):
@@ -360,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             if not rows or not append_rows(out, rows):  # another process trained it
                 continue
             finished += 1
-            sitting(True)
+            sitting()
             last = rows[-1]
             print(f"[{finished}/{len(todo)} {time.time() - start:6.0f}s] {config_id(params)} seed {seed}: "
                   f"val {last['val_acc']:.4f} test {last['test_acc']:.4f} {last['status']} "
