@@ -1,6 +1,7 @@
 """The command line of one training run:
 
-    python -m ssam_tune.train CONFIG.yaml [--set KEY=VALUE ...] [--out DIR] [--resume] [--stop-after N]
+    python -m ssam_tune.train CONFIG.yaml [--set KEY=VALUE ...] [--out DIR] [--resume | --overwrite]
+                                          [--stop-after N]
 
 It writes ``config.yaml``, ``checkpoint.pt`` (every epoch, atomically), ``metrics.jsonl``,
 ``metrics.json`` and TensorBoard scalars under ``--out`` (default ``runs/<config name>``).
@@ -46,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set method.rho=0.05 (repeatable)")
     p.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if present")
+    p.add_argument("--overwrite", action="store_true", help="start again in an OUT that holds a run (its files "
+                   "are replaced)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N epochs of this invocation (continue later with --resume)")
     return p
@@ -58,6 +61,12 @@ def run_cli(argv: list[str] | None = None) -> int:
         out = Path(args.out or Path("runs") / Path(args.config).stem)
         ckpt_path = out / "checkpoint.pt"
         state = None
+        held = [f for f in ("checkpoint.pt", "metrics.jsonl", "metrics.json") if (out / f).exists()]
+        if held and not (args.resume or args.overwrite):
+            raise ConfigError("--out", f"{out} holds a run already ({', '.join(held)}); use --resume to continue "
+                              "it, --overwrite to start again, or another --out")
+        if args.resume and args.overwrite:
+            raise ConfigError("--overwrite", "contradicts --resume: choose one")
         if args.resume and ckpt_path.exists():
             state = load_checkpoint(ckpt_path)
             # normalised through the schema: a key added since the checkpoint takes its default
@@ -69,6 +78,12 @@ def run_cli(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:  # a fresh run: the old one's metrics and TensorBoard events would mix in
+        import shutil
+
+        for f in ("checkpoint.pt", "metrics.jsonl", "metrics.json"):
+            (out / f).unlink(missing_ok=True)
+        shutil.rmtree(out / "tb", ignore_errors=True)
     if state is not None:
         trainer.load_state_dict(state)
         print(f"resumed from {ckpt_path} at epoch {trainer.epoch}")

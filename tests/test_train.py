@@ -250,3 +250,18 @@ def test_flops_counting_is_left_out_of_the_epoch_seconds(embedded, monkeypatch):
     assert [m["epoch_seconds"] for m in metrics] == [0.0, 0.0] and metrics[-1]["train_seconds"] == 0.0
     # one refresh per epoch: the cost table (100 s here) and the pass at w recounted (1 s)
     assert [m["flops_count_seconds"] for m in metrics] == [101.0, 101.0]
+
+
+def test_cli_refuses_to_overwrite_a_run_without_resume_or_overwrite(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_yaml(tmp_path / "c.yaml", tiny("sgd", train={"epochs": 1, "max_steps_per_epoch": 2}))
+    assert run_cli(["c.yaml", "--out", "r"]) == 0
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert run_cli(["c.yaml", "--out", "r"]) == 2
+    err = capsys.readouterr().err
+    assert "--out: r holds a run already (checkpoint.pt, metrics.jsonl, metrics.json); use --resume" in err
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before  # nothing lost
+    assert run_cli(["c.yaml", "--out", "r", "--resume", "--overwrite"]) == 2
+    assert run_cli(["c.yaml", "--out", "r", "--overwrite"]) == 0
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 1  # the new run's epoch only
