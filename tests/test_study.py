@@ -63,6 +63,9 @@ def test_anchors_enter_the_study_once_with_names(tmp_path):
     s = SsamSearcher(space, exp)
     labels = {tid: s.suggest(tid)["ssam_tune"]["label"] for tid in ("a", "b", "c", "x")}
     assert labels["x"].startswith("optuna")
+    s._trials["a"]["started"] -= 30.0  # the sgd anchor started 30 s ago
+    s.on_trial_result("a", result(1, 0.3))
+    s.on_trial_result("x", result(1, 0.2))
     s.on_trial_complete("a", result(EPOCHS, 0.50, "completed", flops=40.0))  # sgd
     s.on_trial_complete("b", result(EPOCHS, 0.60, "completed", flops=80.0))  # sam
     s.on_trial_complete("c", {"epoch": 2, "val_acc": 0.1, "status": "diverged"})  # ssam
@@ -78,6 +81,9 @@ def test_anchors_enter_the_study_once_with_names(tmp_path):
     assert len(study.trials) == 4
     assert trials["a"].user_attrs["label"] == "sgd" and trials["a"].values == [0.5, 40.0]
     assert trials["a"].user_attrs["baseline"] == {"method.name": "sgd"}
+    # learning curves for optuna-dashboard, anchors included, and an anchor's real duration
+    assert trials["a"].intermediate_values == {1: 0.3} and trials["x"].intermediate_values == {1: 0.2}
+    assert trials["a"].duration.total_seconds() >= 30
     assert trials["c"].state == optuna.trial.TrialState.FAIL and trials["c"].user_attrs["status"] == "diverged"
     assert sorted(t.user_attrs["label"] for t in study.best_trials) == ["sam", "sgd"]
 
@@ -163,8 +169,7 @@ def test_errored_trial_retried_on_resume_gets_a_fresh_trial(tmp_path, objective)
     assert new.params == old.params and new.user_attrs["retry_of"] == old.number
     assert new.user_attrs["ray_trial_id"] == "t1"
     assert new.values == ([0.5] if objective == "single" else [0.5, 40.0])
-    if objective == "single":
-        assert new.intermediate_values == {2: 0.4, 3: 0.45}
+    assert new.intermediate_values == {2: 0.4, 3: 0.45}
     assert config["ssam_tune"]["optuna_number"] == old.number  # the bookkeeping moves with it
     assert again.suggest("t1")["ssam_tune"]["optuna_number"] == new.number
 

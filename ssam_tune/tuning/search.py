@@ -29,10 +29,13 @@ through :mod:`ssam_tune.tuning._private`.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import hashlib
 import logging
+import math
 import pickle
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -182,7 +185,8 @@ class SsamSearcher(Searcher):
         else:
             return Searcher.FINISHED
         config = {META: meta, "config": cfg}
-        self._trials[trial_id] = {"number": meta["optuna_number"], "config": config, "last": None, "done": False}
+        self._trials[trial_id] = {"number": meta["optuna_number"], "config": config, "last": None, "done": False,
+                                  "curve": {}, "started": time.time()}
         return config
 
     @_never_raises
@@ -192,11 +196,12 @@ class SsamSearcher(Searcher):
             return
         info["last"] = self._kept(result)
         self._first_sight(trial_id, info)
-        if info["number"] is None:
+        if result.get("val_acc") is None or result.get("epoch") is None:
             return
-        if self.space.tune.objective == "single" and result.get("val_acc") is not None and \
-                result.get("epoch") is not None:
-            # intermediate values show learning curves in optuna-dashboard
+        # intermediate values: the validation accuracy per epoch, optuna-dashboard's learning
+        # curves (under either objective; an anchor's are added with it when it finishes)
+        info.setdefault("curve", {})[int(result["epoch"])] = float(result["val_acc"])
+        if info["number"] is not None:
             _private.optuna_set_intermediate(self.study, info["number"], int(result["epoch"]),
                                              float(result["val_acc"]))
 
@@ -276,9 +281,13 @@ class SsamSearcher(Searcher):
         status = "completed" if complete else ("errored" if error else last.get("status") or "errored")
         attrs = {"ray_trial_id": trial_id, "kind": "baseline", "label": label, "status": status,
                  "baseline": {k: v for k, v in baseline_params(label, self.space.base).items()}}
-        study.add_trial(optuna.trial.create_trial(
+        trial = optuna.trial.create_trial(
             state=optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.FAIL,
-            values=values if complete else None, user_attrs=attrs))
+            values=values if complete else None, user_attrs=attrs,
+            intermediate_values={e: v for e, v in sorted(info.get("curve", {}).items()) if math.isfinite(v)})
+        if info.get("started"):  # its real duration on the dashboard, not 0 ms
+            trial.datetime_start = datetime.datetime.fromtimestamp(info["started"])
+        study.add_trial(trial)
 
     # -- persistence ------------------------------------------------------------------------
     def save(self, checkpoint_path: str) -> None:
