@@ -294,11 +294,14 @@ def test_smoke_runs_a_paper_space(tmp_path):
     # downloaded) and the resources (a GPU per trial). The data-parallel ImageNet space's smoke
     # is checked without Ray (tests/test_space.py) and data-parallel searches run in
     # tests/test_parallel.py.
-    r = _run_cli([str(REPO / "search_spaces" / "wrn_cifar100.yaml"), "--smoke", "--storage",
+    # one sampled trial (the first of the space's enqueued paper settings) besides the anchors
+    r = _run_cli([str(REPO / "search_spaces" / "wrn_cifar100.yaml"), "--smoke", "--num-samples", "1", "--storage",
                   str(tmp_path / "ray"), "--results", str(tmp_path)], cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     trials = read_rows(tmp_path / "wrn_cifar100-smoke" / "trials.csv")
-    assert len(trials) == 7 and all(t["status"] in ("completed", "pruned") for t in trials)
+    assert len(trials) == 4 and all(t["status"] in ("completed", "pruned") for t in trials)
+    sampled = [t for t in trials if t["kind"] == "search"]
+    assert [(t["method.name"], t["method.sparsity"]) for t in sampled] == [("ssam_f", "0.9")]  # enqueued first
     assert {t["model.name"] for t in trials} == {"resnet18"} and {t["data.name"] for t in trials} == {"embedded"}
 
 
