@@ -66,16 +66,38 @@ def plot_front(rows: list[dict], front: list[dict], path: str | os.PathLike, *, 
         ax.step(fx, fy, where="post", color="black", linewidth=1.6, zorder=3,
                 label=f"Pareto front ({len(front)} completed trial{'s' if len(front) != 1 else ''})")
         ax.scatter(fx, fy, s=70, facecolors="none", edgecolors="black", linewidths=1.3, zorder=4)  # method shows
-        for x, y, r in zip(fx, fy, front, strict=True):
-            if r["kind"] == "baseline" and r["label"] in BASELINE_ORDER:
-                continue  # labelled as an anchor below
-            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, -11), fontsize=7, color="0.15")
+    # Labels: the front's first, then (few points) the dominated ones; a label whose point lies
+    # close to a point already labelled, or to an anchor, goes to the other side, and a
+    # dominated one that still collides is left out (the legend and trials.csv name it).
+    xs_pts = [xval(r) for r in completed] or [0.0, 1.0]
+    ys_pts = [r["val_acc"] for r in completed] or [0.0, 1.0]
+    span = (max(xs_pts) - min(xs_pts) or 1.0, max(ys_pts) - min(ys_pts) or 1.0)
+    anchors = [(xval(r), r["val_acc"]) for r in completed if r["kind"] == "baseline" and r["label"] in BASELINE_ORDER]
+    placed: list[tuple[float, float, int]] = []  # (x, y, side) of the labels drawn
+
+    def label(r, x, y, color, optional: bool) -> None:
+        def near(px, py):
+            return abs(px - x) / span[0] < 0.1 and abs(py - y) / span[1] < 0.05
+
+        blocked = {side for px, py, side in placed if near(px, py)}
+        if any(near(px, py) for px, py in anchors):
+            blocked.add(0)  # the anchor's marker: write on the other side
+        free = [side for side in (0, 1) if side not in blocked]
+        if not free or (optional and blocked):
+            return
+        side = free[0]
+        offset, align = ((5, -11), "left") if side == 0 else ((-7, 5), "right")
+        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=offset, ha=align, fontsize=7, color=color)
+        placed.append((x, y, side))
+
+    for x, y, r in zip(fx, fy, front, strict=True):
+        if not (r["kind"] == "baseline" and r["label"] in BASELINE_ORDER):  # anchors: the legend names them
+            label(r, x, y, "0.15", optional=False)
     if len(completed) <= 15:  # few points: name the dominated ones too
         on_front = {id(r) for r in front}
         for r in completed:
             if id(r) not in on_front and not (r["kind"] == "baseline" and r["label"] in BASELINE_ORDER):
-                ax.annotate(r["label"], (xval(r), r["val_acc"]), textcoords="offset points", xytext=(5, -11),
-                            fontsize=7, color="0.5")
+                label(r, xval(r), r["val_acc"], "0.5", optional=True)
     names = {"sgd": "SGD", "sam": "SAM", "ssam": "SSAM-F default"}
     marks = {"sgd": ("s", "black"), "sam": ("D", "black"), "ssam": ("^", "black")}
     for r in completed:
