@@ -81,9 +81,10 @@ def test_anchors_enter_the_study_once_with_names(tmp_path):
     assert len(study.trials) == 4
     assert trials["a"].user_attrs["label"] == "sgd" and trials["a"].values == [0.5, 40.0]
     assert trials["a"].user_attrs["baseline"] == {"method.name": "sgd"}
-    # learning curves for optuna-dashboard, anchors included, and an anchor's real duration
-    assert trials["a"].intermediate_values == {1: 0.3} and trials["x"].intermediate_values == {1: 0.2}
+    # an anchor's real duration; no intermediate values under objective multi (TPE would read
+    # a pruned trial's through study.direction, which a multi-objective study refuses)
     assert trials["a"].duration.total_seconds() >= 30
+    assert trials["a"].intermediate_values == {} and trials["x"].intermediate_values == {}
     assert trials["c"].state == optuna.trial.TrialState.FAIL and trials["c"].user_attrs["status"] == "diverged"
     assert sorted(t.user_attrs["label"] for t in study.best_trials) == ["sam", "sgd"]
 
@@ -169,7 +170,7 @@ def test_errored_trial_retried_on_resume_gets_a_fresh_trial(tmp_path, objective)
     assert new.params == old.params and new.user_attrs["retry_of"] == old.number
     assert new.user_attrs["ray_trial_id"] == "t1"
     assert new.values == ([0.5] if objective == "single" else [0.5, 40.0])
-    assert new.intermediate_values == {2: 0.4, 3: 0.45}
+    assert new.intermediate_values == ({2: 0.4, 3: 0.45} if objective == "single" else {})
     assert config["ssam_tune"]["optuna_number"] == old.number  # the bookkeeping moves with it
     assert again.suggest("t1")["ssam_tune"]["optuna_number"] == new.number
 
@@ -333,3 +334,17 @@ def test_enqueue_refuses_what_the_space_cannot_propose(tmp_path):
     for entries, message in cases:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             make_space(tmp_path, enqueue=entries)
+
+
+def test_tpe_keeps_sampling_after_pruned_trials_under_two_objectives(tmp_path):
+    """Pruned trials in a multi-objective study: TPE ranks them by their intermediate values
+    through study.direction, which raises for two objectives; the searcher writes none there."""
+    space = make_space(tmp_path, n_startup_trials=1, num_samples=8)
+    s = SsamSearcher(space, Experiment(str(tmp_path)))
+    for i in range(4):
+        tid = f"t{i}"
+        s.suggest(tid)
+        s.on_trial_result(tid, result(1, 0.2 + i / 100))
+        s.on_trial_complete(tid, result(1, 0.2 + i / 100))  # stopped at epoch 1: PRUNED
+    assert [t.state for t in study_of(space, tmp_path).trials] == [optuna.trial.TrialState.PRUNED] * 4
+    assert s.suggest("t9")["ssam_tune"]["optuna_number"] == 4  # TPE past its start-up: no RuntimeError

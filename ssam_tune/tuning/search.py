@@ -196,10 +196,12 @@ class SsamSearcher(Searcher):
             return
         info["last"] = self._kept(result)
         self._first_sight(trial_id, info)
-        if result.get("val_acc") is None or result.get("epoch") is None:
+        if result.get("val_acc") is None or result.get("epoch") is None or self.space.tune.objective != "single":
             return
         # intermediate values: the validation accuracy per epoch, optuna-dashboard's learning
-        # curves (under either objective; an anchor's are added with it when it finishes)
+        # curves (an anchor's are added with it when it finishes). Not under objective multi:
+        # Optuna's TPE ranks PRUNED trials by their intermediate values through
+        # study.direction, which a multi-objective study refuses (RuntimeError)
         info.setdefault("curve", {})[int(result["epoch"])] = float(result["val_acc"])
         if info["number"] is not None:
             _private.optuna_set_intermediate(self.study, info["number"], int(result["epoch"]),
