@@ -216,7 +216,8 @@ run_search(load_space(sys.argv[1]), storage=sys.argv[2], resume=False, results=s
 
 
 def test_two_worker_search_stops_early_frees_workers_and_exports(tmp_path):
-    space = _space("dp-search", num_samples=2, n_startup_trials=1, baselines=["sgd"])
+    # no scheduler: only the driver's stopper ends trials (at epoch 2), whatever was sampled
+    space = _space("dp-search", num_samples=2, n_startup_trials=1, baselines=["sgd"], scheduler="none")
     path = write_yaml(tmp_path / "dp-search.yaml", space)
     (tmp_path / "driver.py").write_text(_STOPPING_DRIVER)
     r = run_module("driver", str(path), str(tmp_path / "ray"), str(tmp_path), cwd=tmp_path, timeout=WAIT,
