@@ -216,8 +216,7 @@ run_search(load_space(sys.argv[1]), storage=sys.argv[2], resume=False, results=s
 
 
 def test_two_worker_search_stops_early_frees_workers_and_exports(tmp_path):
-    # no scheduler: only the driver's stopper ends trials (at epoch 2), whatever was sampled
-    space = _space("dp-search", num_samples=2, n_startup_trials=1, baselines=["sgd"], scheduler="none")
+    space = _space("dp-search", num_samples=2, n_startup_trials=1, baselines=["sgd"])
     path = write_yaml(tmp_path / "dp-search.yaml", space)
     (tmp_path / "driver.py").write_text(_STOPPING_DRIVER)
     r = run_module("driver", str(path), str(tmp_path / "ray"), str(tmp_path), cwd=tmp_path, timeout=WAIT,
@@ -227,7 +226,11 @@ def test_two_worker_search_stops_early_frees_workers_and_exports(tmp_path):
     rows = read_rows(tmp_path / "dp-search" / "trials.csv")
     status = {r["label"]: (r["status"], int(r["epochs_reached"])) for r in rows}
     first, second = sorted((label for label in status if label.startswith("optuna")), key=lambda x: int(x[6:]))
-    assert status == {"sgd": ("completed", 3), first: ("pruned", 2), second: ("pruned", 2)}, status
+    # stopped by the driver at epoch 2, or by MO-ASHA's rung at epoch 1 (the fast space's
+    # grace period), depending on what TPE sampled: either way Tune stopped the trial
+    assert status["sgd"] == ("completed", 3) and len(status) == 3, status
+    assert status[first] in (("pruned", 1), ("pruned", 2)) and status[second] in (("pruned", 1), ("pruned", 2)), \
+        status
     exp = tmp_path / "ray" / "dp-search"
     runs = {reps[-1]["label"]: reps for reps in (reports(d) for d in exp.glob("trial_*"))}
     for label, reps in runs.items():  # one result per epoch (rank 0's), not one per worker

@@ -78,10 +78,10 @@ def check_tree(out, exp_dir):
         assert hp is not None and sorted(hp) == sorted(names)  # every column, for parallel coordinates
         assert hp["status"] == csv_status[tid] == row["status"]
         assert hp["method.name"] == row["method.name"] and hp["label"] == row["label"]
-        method = row["method.name"]  # the sentinel 0 where a key does not apply to the method
-        assert hp["method.N_F"] == (row["method.N_F"] if method == "ssam_f" else 0)
-        assert hp["method.rho"] == (0 if method == "sgd" else pytest.approx(row["method.rho"]))
-        assert hp["method.sparsity"] == (pytest.approx(row["method.sparsity"]) if method.startswith("ssam") else 0)
+        method = row["method.name"]  # the sentinel -1 where a key does not apply to the method
+        assert hp["method.N_F"] == (row["method.N_F"] if method == "ssam_f" else -1)
+        assert hp["method.rho"] == (-1 if method == "sgd" else pytest.approx(row["method.rho"]))
+        assert hp["method.sparsity"] == (pytest.approx(row["method.sparsity"]) if method.startswith("ssam") else -1)
         for result in row["_series"]:  # every per-epoch metric of result.json, at step = epoch
             for key in ("val_acc", "test_acc", "flops_theoretical", "train_seconds", "best_val_acc"):
                 if key in result:
