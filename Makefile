@@ -7,20 +7,27 @@ BIN := $(VENV)/bin
 # users' CPUs round differently from the machine that wrote the tests.
 NUMERIC_TESTS := tests/test_optim.py tests/test_masks.py tests/test_flops.py tests/test_models.py \
                  tests/test_methods.py tests/test_train.py tests/test_structured.py tests/test_distributed.py \
-                 tests/test_sharpness.py tests/test_own.py
+                 tests/test_sharpness.py tests/test_own.py tests/test_schedule.py
 
 .PHONY: venv quickstart test test-fast lint test-portable clean
 
-$(BIN)/.installed: pyproject.toml
+# Two stamps: the package alone (what the quickstart needs), and with the test tools
+# (pytest, ruff, import-linter, the S3 test server) for the tests.
+$(BIN)/.installed-run: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(BIN)/.installed: $(BIN)/.installed-run
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
 venv: $(BIN)/.installed
 
 # The quickstart is a demo: each run starts afresh (a real search would be resumed instead).
-quickstart: venv
+# It installs only the package (no test tools).
+quickstart: $(BIN)/.installed-run
 	rm -rf results/ray/quickstart results/quickstart
 	$(BIN)/python -m ssam_tune.run search_spaces/quickstart.yaml
 

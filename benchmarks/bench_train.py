@@ -83,7 +83,12 @@ METHODS = {
     "ssam_t50": ("SSAM-F tensor 50%", {"name": "ssam_f", "granularity": "tensor", "sparsity": 0.5}),
     "sam_on": ("SAM-ON", {"name": "sam_on"}),
     "ssam_f50": ("SSAM-F 50% (element)", {"name": "ssam_f", "sparsity": 0.5}),  # not by default
+    # perturbation schedules (method/schedule.py), not by default: use --steps a multiple of 4
+    "sam_k2": ("SAM, every 2nd step", {"name": "sam", "perturb_every": 2}),
+    "sam_k4": ("SAM, every 4th step", {"name": "sam", "perturb_every": 4}),
+    "ssam_f50_k4": ("SSAM-F 50%, every 4th step", {"name": "ssam_f", "sparsity": 0.5, "perturb_every": 4}),
 }
+GOAL_K4_OVER_SAM = 0.70  # seconds of SAM every 4th step / every-step SAM, at most (issue 23)
 DEFAULT_METHODS = ("sgd", "sam", "ssam_t50", "sam_on")
 GOAL_SAM_OVER_SGD = 2.05  # SAM step time / SGD step time, at most
 GOAL_SGD_IMG_S = 30_000.0  # SGD images per second, at least
@@ -300,6 +305,22 @@ def main() -> None:
                 goal = f"goal >= {GOAL_SGD_IMG_S:.0f} on one H100/H200: {ok}" if device.type == "cuda" else \
                     "the img/s goal is a GPU's"
                 say(f"SGD img/s, {mode:8s}: {med[f'sgd {mode}']:10.1f}  ({goal})")
+        for key in keys:  # schedules against their every-step method, side by side per round
+            every = METHODS[key][1].get("perturb_every", 1)
+            base = next((k for k, (_, m) in METHODS.items() if m == {n: v for n, v in METHODS[key][1].items()
+                                                                     if n != "perturb_every"}), None)
+            for mode in ("eager", "compiled"):
+                a, b = rates.get(f"{key} {mode}", {}), rates.get(f"{base} {mode}", {})
+                both = sorted(set(a) & set(b))
+                if every == 1 or not both:
+                    continue
+                ratio = statistics.median(b[r] / a[r] for r in both)  # seconds per epoch: theirs over the base's
+                flops = per_image[f"{key} {mode}"] / per_image[f"{base} {mode}"]
+                goal = ""
+                if key == "sam_k4":
+                    goal = f"; goal <= {GOAL_K4_OVER_SAM}: {'met' if ratio <= GOAL_K4_OVER_SAM else 'NOT met'}"
+                say(f"{key} / {base} seconds per epoch, {mode:8s}: {ratio:6.3f}  (median of {len(both)} rounds; "
+                    f"executed FLOPs {flops:.4f}x, {(1 + 1 / every) / 2:.4f}x expected{goal})")
         for key in keys:
             e, c = rates.get(f"{key} eager", {}), rates.get(f"{key} compiled", {})
             both = sorted(set(e) & set(c))

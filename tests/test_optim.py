@@ -40,18 +40,26 @@ def grads_at(model, x, y):
     return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
 
 
-def reference_sam(model, data, masks=None, normalize="full", rho=RHO):
+def reference_sam(model, data, masks=None, normalize="full", rho=RHO, plan=None):
     """Plain loop: e from the loss gradient, restore by copy, SGD(momentum, wd) by hand.
 
     ``rho`` is one radius, or a list with one per parameter (per-group rho); the norm in the
-    denominator is always over the whole (masked or full) gradient."""
+    denominator is always over the whole (masked or full) gradient. ``plan``: one bool per
+    step, False for a step without the perturbation (the SGD step on the gradient at w)."""
     params = list(model.parameters())
     rhos = list(rho) if isinstance(rho, (list, tuple)) else [rho] * len(params)
     assert len(rhos) == len(params)
     bufs = [None] * len(params)
-    for x, y in data:
+    for step, (x, y) in enumerate(data):
         g = grads_at(model, x, y)
         live = [i for i, gi in enumerate(g) if gi is not None]
+        if plan is not None and not plan[step]:
+            with torch.no_grad():
+                for i in live:
+                    d_p = g[i] + WD * params[i]
+                    bufs[i] = d_p.clone() if bufs[i] is None else MOM * bufs[i] + d_p
+                    params[i].sub_(LR * bufs[i])
+            continue
         if masks is not None:
             gm = {i: g[i] * masks[i].double() for i in live}
         else:
@@ -77,10 +85,13 @@ def reference_sam(model, data, masks=None, normalize="full", rho=RHO):
     return params, bufs
 
 
-def run_wrapper(model, opt, data):
-    for x, y in data:
+def run_wrapper(model, opt, data, plan=None):
+    for step, (x, y) in enumerate(data):
         opt.zero_grad()
         loss_of(model, x, y).backward()
+        if plan is not None and not plan[step]:
+            opt.plain_step(zero_grad=True)
+            continue
         opt.first_step(zero_grad=True)
         loss_of(model, x, y).backward()
         opt.second_step(zero_grad=True)
@@ -108,6 +119,41 @@ def test_sam_matches_reference_loop():
     assert_same(momentum_buffers(opt, model), ref_bufs)
     # the parameter without a gradient was never touched
     assert torch.equal(model.unused, torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["sam", "ssam"])
+def test_steps_without_perturbation_match_the_reference_loop(kind):
+    """A perturbation schedule's skipped steps (plain_step) are SGD steps on the gradient at w,
+    sharing momentum with the perturbed ones (method/schedule.py)."""
+    plan = [True, False, False, True, False, True]
+    model, ref = tiny_model(unused=True), tiny_model(unused=True)
+    data = batches()
+    kw = dict(rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    masks = None
+    if kind == "sam":
+        opt = SAM(model.parameters(), torch.optim.SGD, **kw)
+    else:
+        opt = SSAM(model.parameters(), torch.optim.SGD, sparsity=0.5, **kw)
+        masks = random_mask(list(model.parameters()), 0.5, generator=torch.Generator().manual_seed(3))
+        opt.set_masks(masks)
+    run_wrapper(model, opt, data, plan)
+    ref_params, ref_bufs = reference_sam(ref, data, masks=masks, plan=plan)
+    assert_same(list(model.parameters()), ref_params)
+    assert_same(momentum_buffers(opt, model), ref_bufs)
+    # and the plan matters: every step perturbed gives other weights
+    other = tiny_model(unused=True)
+    reference_sam(other, data, masks=masks)
+    assert not torch.equal(other[0].weight, model[0].weight)
+
+
+def test_plain_step_refuses_to_interrupt_a_perturbed_step():
+    model = tiny_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    x, y = batches(1)[0]
+    loss_of(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    with pytest.raises(RuntimeError, match="second_step"):
+        opt.plain_step()
 
 
 def test_sam_hand_computed_two_parameters():

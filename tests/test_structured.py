@@ -188,6 +188,28 @@ def test_per_flop_keeps_to_the_cheapest_tensors_that_hold_the_budget():
     assert [bool(m.all()) for m in big] == [True, False, True, True, True]  # 175: adding tensor 1 overshoots more
 
 
+def test_cost_ranking_ignores_the_scores():
+    """tensor_score cost (the no-Fisher control): weights per backward FLOP alone; any scores
+    give the mask per_flop gives with every weight scored 1."""
+    sizes = [(100,), (10,), (40,), (5,), (30,)]
+    costs = [90.0, 100.0, 10.0, 5.0, 8.0]
+    ones = [torch.ones(s) for s in sizes]
+    g = torch.Generator().manual_seed(0)
+    for budget in (45, 100, 150):
+        sparsity = 1 - budget / 185
+        expected = M.tensor_topk_mask(ones, sparsity, costs=costs)
+        for _ in range(3):
+            scores = [torch.rand(s, generator=g) * 10 for s in sizes]
+            got = M.tensor_topk_mask(scores, sparsity, reduce="cost", costs=costs)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    # 45 weights, from the pool of the three cheapest tensors: tensor 2 (4 weights per FLOP)
+    # first; tensor 4 (3.75) would overshoot to 70, tensor 3 lands on 45
+    mask = M.tensor_topk_mask(ones, 1 - 45 / 185, reduce="cost", costs=costs)
+    assert [bool(m.all()) for m in mask] == [False, False, True, True, False]
+    with pytest.raises(ValueError, match="needs costs"):
+        M.tensor_topk_mask(ones, 0.5, reduce="cost")
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
 def test_tensor_random_mask_is_seeded_and_close_to_the_budget(sparsity):
     like = [torch.zeros(s) for s in (64, 64, 8, 8, 200, 3, 3, 17)]
@@ -349,3 +371,22 @@ def test_a_mask_with_nothing_perturbed_steps_with_the_gradient_at_w_alone():
         sgd.step()
     for a, b in zip(model.parameters(), ref.parameters(), strict=True):  # (BN statistics: two passes vs one)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_cost_only_tensor_masks_read_no_fisher(embedded):
+    """tensor_score cost builds its mask without the Fisher: nothing is charged for Fisher
+    samples, and other seeds (other Fisher draws, other weights) give the same tensors."""
+    from ssam_tune.training.config import config_from_dict
+    from ssam_tune.training.trainer import Trainer
+
+    masks = []
+    for seed in (0, 1):
+        cfg = config_from_dict({"seed": seed, "model": {"width": 0.0625}, "data": {"train_size": 256},
+                                "train": {"epochs": 1, "batch_size": 64},
+                                "method": {"name": "ssam_f", "granularity": "tensor", "tensor_score": "cost",
+                                           "sparsity": 0.5, "N_F": 32}})
+        trainer = Trainer(cfg, data=embedded)
+        (m,) = list(trainer.epochs())
+        assert m["flops_mask"] == 0.0 and m["mask_refreshes"] == 1
+        masks.append([bool(x.all()) for x in trainer.opt.masks()])
+    assert masks[0] == masks[1] and any(masks[0]) and not all(masks[0])

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ssam_tune.method.fisher import BN_MODES, fisher_scores
+from ssam_tune.method.methods import TENSOR_SCORES
 
 __all__ = [
     "BN_MODES", "DROP_STRATEGIES", "GRANULARITIES", "NORM_LAYERS", "TENSOR_SCORES", "MaskSchedule",
@@ -37,8 +38,6 @@ __all__ = [
 
 DROP_STRATEGIES = ("flattest", "random", "sharpest")
 GRANULARITIES = ("element", "tensor")
-# How SSAM-F's per-weight Fisher scores become one score per tensor (tensor_topk_mask).
-TENSOR_SCORES = ("per_flop", "mean", "total")
 # per_flop widens its pool of cheap tensors until the perturbed fraction is within this of 1 - s.
 TENSOR_TOLERANCE = 0.025
 # Modules whose parameters SAM-ON perturbs.
@@ -226,6 +225,9 @@ def tensor_topk_mask(scores: Sequence[torch.Tensor], sparsity: float, reduce: st
       informative early tensor would otherwise pull backward all the way to the input: with
       the ranking alone, ResNet-18 at 50% took the first convolution and executed 0.86x a SAM
       step instead of about 0.7x.
+    - ``"cost"``: as ``per_flop`` with every weight's score set to 1, i.e. the ranking is the
+      tensor's weights per backward FLOP and the scores are not read. It is the control that
+      asks what the Fisher adds at tensor granularity (results/structured/README.md).
     - ``"mean"``: the mean score per weight; ``"total"``: the sum (the tensor's share of Eq. 5's
       trace), over all tensors. Both put the first convolution near the top on CIFAR
       ResNet-18, so the pass at w saves little (0.95-0.98x a SAM step).
@@ -237,12 +239,15 @@ def tensor_topk_mask(scores: Sequence[torch.Tensor], sparsity: float, reduce: st
     scores = list(scores)
     if not scores:
         raise ValueError("tensor_topk_mask needs at least one score tensor")
-    if reduce == "per_flop" and (costs is None or len(costs) != len(scores)):
-        raise ValueError("reduce='per_flop' needs costs: one backward-FLOPs figure per score tensor")
+    if reduce in ("per_flop", "cost") and (costs is None or len(costs) != len(scores)):
+        raise ValueError(f"reduce={reduce!r} needs costs: one backward-FLOPs figure per score tensor")
     sizes = [s.numel() for s in scores]
     k = num_perturbed(sum(sizes), sparsity)
-    agg = _host([s.detach().float().mean() if reduce == "mean" else s.detach().float().sum() for s in scores])
-    if reduce != "per_flop":
+    if reduce == "cost":
+        agg = [float(n) for n in sizes]
+    else:
+        agg = _host([s.detach().float().mean() if reduce == "mean" else s.detach().float().sum() for s in scores])
+    if reduce not in ("per_flop", "cost"):
         order = sorted(range(len(scores)), key=lambda i: -agg[i])
         return _whole(scores, _take_towards(sizes, order, k))
     agg = [a / max(float(c), 1.0) for a, c in zip(agg, costs, strict=True)]

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["COST_RULES", "MASK_KINDS", "METHODS", "Method", "SPARSE_METHODS", "applies", "method"]
+__all__ = ["COST_RULES", "MASK_KINDS", "METHODS", "TENSOR_SCORES", "Method", "SPARSE_METHODS", "applies", "method"]
 
 COST_RULES = ("one_pass", "two_passes", "sparse_first_backward")
 MASK_KINDS = ("fisher", "dynamic", "random", "norm")
+# How SSAM-F's per-weight Fisher scores become one score per tensor (masks.tensor_topk_mask);
+# "cost" ranks by weights per backward FLOP alone, the Fisher left out (a control).
+TENSOR_SCORES = ("per_flop", "mean", "total", "cost")
 
 # method.* keys shared by every perturbing method, and by every masked one.
-_SAM_KEYS = ("rho", "bn_second_pass")
+_SAM_KEYS = ("rho", "bn_second_pass", "perturb_every", "perturb_from", "perturb_prob")
 _MASK_KEYS = ("sparsity", "granularity", "T_m", "normalize", "mask_unit", "fixed_mask")
 
 

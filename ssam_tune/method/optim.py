@@ -164,6 +164,19 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    @torch.no_grad()
+    def plain_step(self, zero_grad: bool = False) -> None:
+        """A step without the perturbation: the base optimizer's step on the gradient at w,
+        i.e. exactly what the base optimizer alone would do (an SGD step for SGD). The
+        perturbation schedules (:mod:`ssam_tune.method.schedule`) take it on the steps they skip;
+        it costs one forward-backward pass on any hardware."""
+        if self._perturbed:
+            raise RuntimeError("plain_step() after first_step(): call second_step() to finish that step")
+        self.base_optimizer.step()
+        self._opt_called = True  # a real step, for an attached LR scheduler (as in second_step)
+        if zero_grad:
+            self.zero_grad()
+
     def step(self, closure: Callable[[], torch.Tensor] | None = None):  # type: ignore[override]
         """One full SAM step. The closure must compute the loss and call ``backward()``.
 

@@ -23,7 +23,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from ssam_tune.method.methods import METHODS
+from ssam_tune.method.methods import METHODS, TENSOR_SCORES
 
 __all__ = ["Config", "ConfigError", "DataConfig", "MethodConfig", "ModelConfig", "TrainConfig", "apply_overrides",
            "applying_config", "build_section", "config_from_dict", "config_to_dict", "flatten", "key_applies",
@@ -138,7 +138,8 @@ class MethodConfig:
     # first pass then computes only the perturbed tensors' gradients (optim.SSAM.first_pass)
     normalize: str = _f("auto", choices=("auto", "full", "masked"))
     granularity: str = _f("element", choices=("element", "tensor"))  # whole tensors perturbed
-    tensor_score: str = _f("per_flop", choices=("per_flop", "mean", "total"))  # SSAM-F tensor ranking (masks.py)
+    # SSAM-F tensor ranking (masks.py); "cost" ignores the Fisher (the ablation of results/structured)
+    tensor_score: str = _f("per_flop", choices=TENSOR_SCORES)
     T_m: int = _f(1, lo=1, hi=100000)  # mask refresh interval (Alg. 1)
     mask_unit: str = _f("epoch", choices=("epoch", "step"))
     fixed_mask: bool = _f(False)  # Table 9 "fixed": build once, never refresh
@@ -147,6 +148,12 @@ class MethodConfig:
     alpha: float = _f(0.5, lo=0.0, hi=1.0)  # SSAM-D drop rate (Eq. 9)
     drop: str = _f("flattest", choices=("flattest", "random", "sharpest"))  # Table 7
     bn_second_pass: str = _f("update", choices=("update", "freeze"))  # BN stats at w + e
+    # The perturbation schedule (method/schedule.py): a step perturbs if it is a multiple of
+    # perturb_every steps after step ceil(perturb_from * total steps) and its seeded draw is below
+    # perturb_prob; any other step is the base optimizer's plain step (one pass, an SGD step).
+    perturb_every: int = _f(1, lo=1, hi=1000000)  # LookSAM / Composer's SAM interval
+    perturb_from: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True)  # SAM in the late phase only
+    perturb_prob: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)  # randomized SAM steps (RST)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from ssam_tune.method import masks as M
 from ssam_tune.method.flops import FlopsModel, backward_flops_per_tensor, forward_backward_flops
 from ssam_tune.method.methods import method
 from ssam_tune.method.optim import SAM, SSAM, freeze_bn_stats
+from ssam_tune.method.schedule import PerturbSchedule
 from ssam_tune.storage.files import atomic_write
 from ssam_tune.training import distributed as D
 from ssam_tune.training.batches import iterate_batches, sample_for_fisher
@@ -46,7 +47,7 @@ __all__ = ["Trainer", "load_checkpoint", "load_data", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = 1
 # Offsets of the independent random streams derived from config.seed.
-_STREAMS = {"init": 0, "order": 1, "augment": 2, "mask": 3, "fisher": 4}
+_STREAMS = {"init": 0, "order": 1, "augment": 2, "mask": 3, "fisher": 4, "perturb": 5}
 
 
 def resolve_device(name: str, *, assigned: torch.device | str | None = None,
@@ -252,13 +253,20 @@ class Trainer:
         self._exec_flops: float | None = None  # per sample, for the current masks (_executed_flops)
 
     def _build_schedules(self) -> None:
-        """The mask refresh schedule (Alg. 1, T_m), the LR schedule and the loss."""
+        """The mask refresh schedule (Alg. 1, T_m), the perturbation schedule, the LR schedule
+        and the loss."""
         t, method_cfg = self.cfg.train, self.cfg.method
         # SAM-ON's mask is the model's normalization layers: built once.
         fixed = method_cfg.fixed_mask or self.method_row.mask == "norm"
         self.mask_schedule = M.MaskSchedule(interval=method_cfg.T_m, unit=method_cfg.mask_unit, fixed=fixed)
         self.steps_per_epoch = self._steps_per_epoch()
         total = t.epochs * self.steps_per_epoch
+        # Which steps perturb (method/schedule.py): a pure function of the config and the seed,
+        # so every rank and a resumed run take the same decisions without saved state.
+        schedule = PerturbSchedule(every=method_cfg.perturb_every, start=method_cfg.perturb_from,
+                                   prob=method_cfg.perturb_prob, seed=self.cfg.seed + _STREAMS["perturb"])
+        self.perturb_plan = schedule.plan(total) if self.method_row.perturbs else [False] * total
+        self.perturb_first = schedule.first_step(total) if self.method_row.perturbs else total
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.opt, _cosine_lr(total, t.warmup_epochs * self.steps_per_epoch))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
@@ -333,18 +341,23 @@ class Trainer:
         opt: SSAM = self.opt  # type: ignore[assignment]
         previous = opt.masks()
         params = opt.params()
+        tensor = method_cfg.granularity == "tensor"
+        cost_only = tensor and method_cfg.tensor_score == "cost"  # the control without the Fisher
         if kind == "fisher" and before_grad:
-            x, y = self._fisher_batch()
-            # model.parameters() order; summed over the ranks' shares (one worker: its own)
-            scores = D.fisher_scores_distributed(self.model, None, x, y, bn=method_cfg.fisher_bn)
+            if cost_only:  # the ranking reads only each tensor's size and cost
+                scores = [torch.ones_like(p) for p in self.model.parameters()]
+            else:
+                x, y = self._fisher_batch()
+                # model.parameters() order; summed over the ranks' shares (one worker: its own)
+                scores = D.fisher_scores_distributed(self.model, None, x, y, bn=method_cfg.fisher_bn)
             costs = None
-            if method_cfg.granularity == "tensor" and method_cfg.tensor_score == "per_flop":
+            if tensor and method_cfg.tensor_score in ("per_flop", "cost"):
                 with self._counting():
                     per_tensor = backward_flops_per_tensor(self.model, self.input_shape)
                 costs = [per_tensor[n] for n, _ in self.model.named_parameters()]
             opt.set_masks_from_scores(scores, list(self.model.parameters()), costs)
         elif kind in ("random", "dynamic") and before_grad:  # the initial mask of SSAM-D is random
-            draw = M.tensor_random_mask if method_cfg.granularity == "tensor" else M.random_mask
+            draw = M.tensor_random_mask if tensor else M.random_mask
             opt.set_masks(draw(params, method_cfg.sparsity, generator=self.gens["mask"]))
         elif kind == "norm" and before_grad:
             opt.set_masks(M.norm_mask(self.model, params))
@@ -360,7 +373,7 @@ class Trainer:
         self.tracker["last_overlap"] = stats["overlap"]
         self.tracker["flops_mask"] += self.flops.mask_update_flops(
             self.method_row.name, n_params=self.n_params,
-            fisher_samples=min(method_cfg.N_F, len(self.train_split)))
+            fisher_samples=0 if cost_only else min(method_cfg.N_F, len(self.train_split)))
 
     def _executed_flops(self) -> float:
         """FLOPs per sample of a step with the current masks, as its passes run: the pass at
@@ -429,24 +442,38 @@ class Trainer:
             logits = self.forward(x)
             return self.criterion(logits.float(), y), logits
 
+    def _perturbs(self) -> bool:
+        """Whether the coming step perturbs (the perturbation schedule; every step by default)."""
+        g = self.global_step
+        return self.perturb_plan[g] if g < len(self.perturb_plan) else self.method_row.perturbs
+
     def _refresh_masks_before_step(self, step: int) -> bool:
         """Alg. 1's mask refresh (every T_m), where it comes before the step's forward pass:
         Fisher and random masks, and SSAM-D's initial random mask, so the very first step is
         already sparse. (The reference starts from an all-zero mask and builds its first one
         after step 0, so only its step 0 is unperturbed, i.e. plain SGD.) Returns True where
         the refresh is an SSAM-D update instead, which :meth:`_step` makes from the step's
-        gradient at w."""
-        if not (self.sparse and self.mask_schedule.due(self.epoch, step, self.global_step)):
+        gradient at w.
+
+        With ``method.perturb_from``, no mask is kept while no step perturbs: the first mask
+        is built before the first step that may perturb, and T_m's rule applies from there."""
+        if not self.sparse or self.global_step < self.perturb_first:
             return False
-        if self.method_row.mask == "dynamic" and self.global_step > 0:
+        initial = self.global_step == self.perturb_first
+        if not (initial or self.mask_schedule.due(self.epoch, step, self.global_step)):
+            return False
+        if self.method_row.mask == "dynamic" and not initial:
             return True
         self._refresh_mask(before_grad=True)
         return False
 
-    def _step_flops(self, mask_update: bool) -> float:
-        """Executed FLOPs per sample of the coming step, as its passes run: the pass at w with
-        the current masks (:meth:`_executed_flops`), or in full (dense methods, and a step
-        whose gradient at w makes an SSAM-D update)."""
+    def _step_flops(self, mask_update: bool, perturb: bool) -> float:
+        """Executed FLOPs per sample of the coming step, as its passes run: one pass (SGD, and a
+        step the perturbation schedule skips), the pass at w with the current masks
+        (:meth:`_executed_flops`), or in full (dense methods, and a step whose gradient at w
+        makes an SSAM-D update)."""
+        if not perturb:
+            return self.flops.executed_per_sample("sgd")
         if self.sparse and not mask_update:
             return self._executed_flops()
         return self.flops.executed_per_sample(self.method_row.name)
@@ -471,30 +498,36 @@ class Trainer:
         if self.world > 1:
             D.average_gradients(self.model.parameters())
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor,
-              mask_update: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _step(self, x: torch.Tensor, y: torch.Tensor, mask_update: bool,
+              perturb: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One optimizer step on this rank's share of a batch: SGD's one pass, or SAM's and
         SSAM's two (the gradient at w gives e, Eq. 2; the gradient at w + e the update, Eq. 3),
         each pass's gradients averaged over the workers; then the LR schedule's step.
         ``mask_update``: SSAM-D's mask update from this step's gradient at w (Eq. 7).
+        ``perturb``: False for a step the perturbation schedule skips (the base optimizer's
+        plain step, one pass).
 
-        Returns the loss and logits of the pass at w (detached) and ||e|| (None for SGD)."""
+        Returns the loss and logits of the pass at w (detached) and ||e|| (None where the step
+        did not perturb)."""
         opt = self.opt
         # The pass at w computes only the gradients e needs (tensor masks with normalize
         # masked, SAM-ON); an SSAM-D update reads this pass's gradients to pick the next
-        # mask, so that pass runs in full (once per T_m).
-        with opt.first_pass() if self.sparse and not mask_update else contextlib.nullcontext():
+        # mask, so that pass runs in full (once per T_m), as does a step without perturbation
+        # (its gradient at w is the update).
+        with opt.first_pass() if self.sparse and perturb and not mask_update else contextlib.nullcontext():
             loss, logits = self._loss(x, y)
             loss = self._inject_faults(loss)
             loss.backward()
         self._average_gradients()  # g at w, before e and mask updates read it
+        if mask_update:  # drop by |g| at w from this minibatch (Eq. 7)
+            self._refresh_mask(before_grad=False)
         e_norm = None
         if not self.method_row.perturbs:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        elif not perturb:
+            opt.plain_step(zero_grad=True)
         else:
-            if mask_update:  # drop by |g| at w from this minibatch (Eq. 7)
-                self._refresh_mask(before_grad=False)
             opt.first_step(zero_grad=True)
             frozen_bn = self.cfg.method.bn_second_pass == "freeze"
             with freeze_bn_stats(self.model) if frozen_bn else contextlib.nullcontext():
@@ -511,14 +544,19 @@ class Trainer:
         every rank must stop at the same step."""
         return not torch.isfinite(D.all_reduce_sums(loss_sum.clone()))
 
-    def _charge_flops(self, steps: int, images: int, executed: float) -> None:
+    def _charge_flops(self, steps: int, images: int, executed: float, perturbed: tuple[int, int]) -> None:
         """An epoch's FLOPs into the run's totals: the paper's theoretical cost of ``steps``
-        steps on ``images`` samples (the method's cost rule), and the ``executed`` FLOPs its
-        passes ran (mask updates are charged as they happen, :meth:`_refresh_mask`)."""
-        spent = self.flops.training_flops(self.method_row.name, steps, images=images,
-                                          sparsity=self._theoretical_sparsity())
-        self.tracker["flops_theoretical"] += spent["theoretical"]
+        steps on ``images`` samples (the method's cost rule for the ``perturbed`` (steps,
+        images), an SGD step's for the rest), and the ``executed`` FLOPs its passes ran (mask
+        updates are charged as they happen, :meth:`_refresh_mask`)."""
+        p_steps, p_images = perturbed
+        theoretical = self.flops.training_flops("sgd", steps - p_steps, images=images - p_images)["theoretical"]
+        if p_steps:
+            theoretical += self.flops.training_flops(self.method_row.name, p_steps, images=p_images,
+                                                     sparsity=self._theoretical_sparsity())["theoretical"]
+        self.tracker["flops_theoretical"] += theoretical
         self.tracker["flops_executed"] += executed
+        self.tracker["perturbed_steps"] = self.tracker.get("perturbed_steps", 0) + p_steps
 
     def _train_epoch(self) -> dict | None:
         """One epoch; returns train metrics, or None if the loss became NaN/inf."""
@@ -527,16 +565,19 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         e_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         seen, steps, executed = 0, 0, 0.0  # global batches
+        p_steps, p_seen = 0, 0  # the steps that perturbed, and their images
         for step, (x, y) in enumerate(self._train_batches()):
             if step >= self.steps_per_epoch:
                 break
             x, y = self._to_device(x, y)
             mask_update = self._refresh_masks_before_step(step)
+            perturb = self._perturbs()
             n = y.shape[0] * self.world  # the global batch: shares are equal (_check_workers)
-            executed += n * self._step_flops(mask_update)
-            loss, logits, e_norm = self._step(x, y, mask_update)
+            executed += n * self._step_flops(mask_update, perturb)
+            loss, logits, e_norm = self._step(x, y, mask_update, perturb)
             if e_norm is not None:
                 e_sum += e_norm
+                p_steps, p_seen = p_steps + 1, p_seen + n
             loss_sum += loss.double() * y.shape[0]
             correct += (logits.argmax(1) == y).sum()
             seen += n
@@ -547,9 +588,11 @@ class Trainer:
         if seen == 0 or not torch.isfinite(loss_sum):
             return None
         self.tracker["images"] += seen
-        self._charge_flops(steps, seen, executed)
+        self._charge_flops(steps, seen, executed, (p_steps, p_seen))
+        # ||e|| averaged over the steps that perturbed (0 where none did)
         return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
-                "e_norm": e_sum.item() / steps if self.method_row.perturbs else 0.0, "train_images": seen}
+                "e_norm": e_sum.item() / p_steps if p_steps else 0.0, "train_images": seen,
+                "perturbed_share": p_steps / steps}
 
     @torch.no_grad()
     def evaluate(self, split) -> tuple[float, float]:
@@ -633,10 +676,13 @@ class Trainer:
                 "train_loss": train["train_loss"], "train_acc": train["train_acc"],
                 "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
                 "lr": lr,
-                "mask_density": tr["last_density"] if self.sparse else 1.0,
+                # a sparse method's mask share; 0 before its first mask (perturb_from: nothing perturbed yet)
+                "mask_density": (tr["last_density"] or 0.0) if self.sparse else 1.0,
                 "mask_overlap": tr["last_overlap"] if self.sparse else None,
                 "mask_refreshes": tr["refreshes"],
                 "e_norm": train["e_norm"],
+                "perturbed_share": train["perturbed_share"],  # of this epoch's steps
+                "perturbed_steps": tr.get("perturbed_steps", 0),  # in the run so far
                 "epoch_seconds": seconds,
                 "flops_count_seconds": counting,
                 "images_per_second": train["train_images"] / seconds if seconds > 0 else float("nan"),
