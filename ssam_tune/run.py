@@ -51,6 +51,7 @@ def describe(space: SearchSpace, full: bool = True) -> str:
     fixed = space.fixed_trials()
     lines.append(f"fixed trials ({'cases x seeds' if space.mode == 'cases' else 'baselines'}): "
                  f"{', '.join(label for label, _ in fixed) or 'none'}")
+    lines += _schedule_lines(fixed)
     sampled = t.num_samples if space.mode == "search" else 0
     lines.append(f"trial budget: {len(fixed) + sampled} trials ({len(fixed)} fixed + {sampled} sampled), "
                  f"{space.epochs} epochs each at most")
@@ -70,6 +71,24 @@ def describe(space: SearchSpace, full: bool = True) -> str:
     if t.confirm_top_k:
         lines.append(f"confirmation: top {t.confirm_top_k} front points x seeds {t.confirm_seeds}")
     return "\n".join(lines)
+
+
+def _schedule_lines(fixed: list[tuple[str, dict]]) -> list[str]:
+    """The fixed trials that perturb on some steps only (method.perturb_*), each case once."""
+    from ssam_tune.method.methods import method
+    from ssam_tune.method.schedule import PerturbSchedule
+
+    shown = {}
+    for label, cfg in fixed:
+        m = cfg.get("method", {})
+        rule = PerturbSchedule(every=m.get("perturb_every", 1), start=m.get("perturb_from", 0.0),
+                               prob=m.get("perturb_prob", 1.0))
+        if method(m.get("name", "sgd")).perturbs and not rule.always:
+            shown.setdefault(label.split("/seed")[0], f"{rule.expected_share():.3g}")
+    if not shown:
+        return []
+    return ["perturbation schedules (share of steps that perturb, (1 - perturb_from) x perturb_prob / "
+            "perturb_every; the others are one-pass SGD steps): " + ", ".join(f"{k} {v}" for k, v in shown.items())]
 
 
 def _local_resources() -> tuple[float, float]:
@@ -222,11 +241,26 @@ def _run_experiment(space: SearchSpace, *, storage: str, resume: bool, address: 
         else None
     if space.mode == "search":
         settle_study(space, exp, rows)
+    if getattr(t, "diagnostics", "none") == "sharpness":
+        _measure_front(exp, rows, t.flops_metric)
     info = export_experiment(exp.root, out)
     if t.retain_checkpoints == "front":
         _retain(space, exp, rows, info)
     print(info["console"], flush=True)
     return out
+
+
+def _measure_front(exp: Experiment, rows: list[dict] | None, cost_metric: str) -> None:
+    """``tune.diagnostics: sharpness``: the front points' sharpness, before the export shows
+    it and before the checkpoints are thinned (the front's stay)."""
+    from ssam_tune.export import load_trials
+    from ssam_tune.export.front import front_rows
+    from ssam_tune.sharpness import front_sharpness
+
+    rows = rows if rows is not None else load_trials(exp.root, cost_metric)
+    front = [r["trial_id"] for r in front_rows(rows, cost_metric)]
+    print(f"measuring the sharpness of {len(front)} front point(s) (tune.diagnostics: sharpness)", flush=True)
+    front_sharpness(exp.root, front)
 
 
 def _retain(space: SearchSpace, exp: Experiment, rows: list[dict], info: dict) -> None:

@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "measure"]
+from ssam_tune.storage.experiment import CKPT_FILE
+
+__all__ = ["front_sharpness", "main", "measure"]
 
 
 def _checkpoint(path: Path) -> Path:
     if path.is_dir():
-        path = path / "checkpoint.pt"
+        path = path / CKPT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint here (give a checkpoint.pt, or the folder of a run of "
                                 "python -m ssam_tune.train, or a trial's checkpoints/<trial id>/ folder)")
@@ -32,7 +35,7 @@ def _checkpoint(path: Path) -> Path:
 
 
 def measure(path: str | Path, *, samples: int = 1000, k: int = 5, iters: int = 20, trace_samples: int = 20,
-            seed: int = 0, batch: int = 250) -> dict:
+            seed: int = 0, batch: int = 250, device: str = "cpu") -> dict:
     """The sharpness of the model in a checkpoint (see the module doc); also the number of
     samples and the seconds it took."""
     import torch
@@ -48,7 +51,7 @@ def measure(path: str | Path, *, samples: int = 1000, k: int = 5, iters: int = 2
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise ValueError(f"{ckpt}: not an ssam-tune training checkpoint")
     cfg = config_from_dict(state["config"])
-    trainer = Trainer(cfg, device="cpu")  # the run's data split and model, on the CPU
+    trainer = Trainer(cfg, device=device)  # the run's data split and model
     trainer.model.load_state_dict(state["model"])
     if not trainer.data.in_memory:
         raise ValueError(f"{ckpt}: sharpness needs an in-memory data set (this run reads image files)")
@@ -57,6 +60,44 @@ def measure(path: str | Path, *, samples: int = 1000, k: int = 5, iters: int = 2
     out = sharpness(trainer.model, batches, k=k, iters=iters, trace_samples=trace_samples, seed=seed)
     return {"checkpoint": str(ckpt), "epoch": state.get("epoch"), "method": cfg.method.name, "samples": len(y),
             **out, "seconds": time.perf_counter() - start}
+
+
+def front_sharpness(exp_root: str, trial_ids: list[str], *, log=print, **kw) -> dict[str, dict]:
+    """``tune.diagnostics: sharpness``: :func:`measure` on each trial's newest checkpoint
+    (its final weights: the front is built from completed trials), kept by trial id in the
+    experiment's ``diagnostics.json`` under ``"sharpness"``, written after each trial so an
+    interrupted run keeps what it measured; a trial measured before is not measured again. A
+    trial that cannot be measured (no checkpoint kept, data read from image files) gets
+    ``{"error": why}``. ``kw`` goes to :func:`measure`. Returns the ``"sharpness"`` mapping."""
+    import tempfile
+
+    from ssam_tune.storage.experiment import DIAGNOSTICS_FILE, Experiment
+
+    exp = Experiment(exp_root)
+    diagnostics = json.loads(exp.read_text(DIAGNOSTICS_FILE) or "{}")
+    done = diagnostics.setdefault("sharpness", {})
+    for trial_id in trial_ids:
+        if trial_id in done:
+            continue
+        kept = exp.trial_checkpoints(trial_id)
+        data = exp.read_bytes(f"{kept[-1]}/{CKPT_FILE}") if kept else None
+        if data is None:
+            done[trial_id] = {"error": "no checkpoint kept (tune.retain_checkpoints)"}
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / CKPT_FILE).write_bytes(data)
+                try:
+                    r = measure(Path(tmp) / CKPT_FILE, **kw) | {"checkpoint": kept[-1]}
+                    # a zero k-th eigenvalue makes the ratio infinite: JSON has no infinity
+                    done[trial_id] = {key: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                                      for key, v in r.items()}
+                except (ValueError, FileNotFoundError) as err:
+                    done[trial_id] = {"error": str(err).replace(str(Path(tmp) / CKPT_FILE), kept[-1])}
+        r = done[trial_id]
+        log(f"sharpness of trial {trial_id}: " + (f"lambda_max {r['lambda_max']:.4g}, trace {r['trace']:.4g} "
+                                                   f"({r['seconds']:.0f} s)" if "error" not in r else r["error"]))
+        exp.write_text(DIAGNOSTICS_FILE, json.dumps(diagnostics, indent=2, allow_nan=False) + "\n")
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import math
 import sys
 from pathlib import Path
 
+from ssam_tune.storage.experiment import CKPT_FILE
 from ssam_tune.storage.files import atomic_write
 from ssam_tune.training.config import ConfigError, config_from_dict, config_to_dict, load_config
 from ssam_tune.training.data import DataError
@@ -59,7 +60,7 @@ def run_cli(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out or Path("runs") / Path(args.config).stem)
-        ckpt_path = out / "checkpoint.pt"
+        ckpt_path = out / CKPT_FILE
         state = None
         held = [f for f in ("checkpoint.pt", "metrics.jsonl", "metrics.json") if (out / f).exists()]
         if held and not (args.resume or args.overwrite):

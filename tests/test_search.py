@@ -39,7 +39,9 @@ def _dominates(a, b):
 @pytest.fixture(scope="module")
 def finished_search(tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
-    r = _run_cli([str(FAST), "--storage", str(root / "ray"), "--results", str(root)], cwd=root)
+    # with the front's sharpness measured (tune.diagnostics: sharpness, off by default)
+    r = _run_cli([str(FAST), "--storage", str(root / "ray"), "--results", str(root),
+                  "--set", "tune.diagnostics=sharpness"], cwd=root)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return root
 
@@ -77,6 +79,31 @@ def test_end_to_end_search(finished_search):
     for name in ("pareto.json", "pareto.png", "best_config.yaml", "summary.md"):
         assert (out / name).stat().st_size > 0
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_the_fronts_sharpness_is_measured_and_exported(finished_search):
+    """tune.diagnostics: sharpness: every front point's final checkpoint measured once, kept in
+    diagnostics.json, shown in pareto.csv, trials.csv and summary.md; the figures are those of
+    python -m ssam_tune.sharpness on the same checkpoint."""
+    from ssam_tune.sharpness import measure
+
+    exp, out = finished_search / "ray" / "fast", finished_search / "fast"
+    measured = json.loads((exp / "diagnostics.json").read_text())["sharpness"]
+    front = read_rows(out / "pareto.csv")
+    assert {p["trial_id"] for p in front} == set(measured)
+    trials = {t["trial_id"]: t for t in read_rows(out / "trials.csv")}
+    for p in front:
+        entry = measured[p["trial_id"]]
+        assert "error" not in entry, entry
+        assert entry["epoch"] == 4 and entry["samples"] == 256  # the final weights; train_size 256
+        assert float(p["lambda_max"]) == pytest.approx(entry["lambda_max"], rel=1e-6)
+        assert float(p["hessian_trace"]) == pytest.approx(entry["trace"], rel=1e-6)
+        assert float(trials[p["trial_id"]]["lambda_max"]) == pytest.approx(entry["lambda_max"], rel=1e-6)
+        assert entry["lambda_max"] >= entry["lambda_5"] and entry["lambda_max"] > 0
+        again = measure(exp / entry["checkpoint"] / "checkpoint.pt")
+        assert again["lambda_max"] == pytest.approx(entry["lambda_max"], rel=1e-3)
+    assert all(t["lambda_max"] == "" for i, t in trials.items() if i not in measured)
+    assert "| lambda_max | Hessian trace |" in (out / "summary.md").read_text()
 
 
 def test_checkpoints_of_finished_trials_are_bounded(finished_search):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ssam_tune.export.front import best_row, front_rows, hp_keys, hp_values
 from ssam_tune.export.plot import plot_front
-from ssam_tune.export.read import STATUSES, load_rows, load_space_file, local_copy, sgd_cost_of
+from ssam_tune.export.read import SHARPNESS, STATUSES, load_rows, load_space_file, local_copy, sgd_cost_of
 from ssam_tune.export.summary import (
     NOTE_SELECTION,
     confirmation_block,
@@ -83,8 +83,12 @@ def _export(exp: Path, out: Path, shown: str | None = None) -> dict:
                     "flops_rel": r.get("flops_rel"), "epochs": r["epochs_reached"],
                     "config": config_names[r["trial_id"]]})
         front_records.append(rec)
+    # the sharpness columns where the front was measured (tune.diagnostics: sharpness)
+    measured = [c for c in SHARPNESS if any(c in r for r in front)]
+    for rec, r in zip(front_records, front, strict=True):
+        rec.update({c: r.get(c) for c in measured})
     columns = ["k", "trial_id", "label", "kind", "method", *hp_cols, "val_acc", "test_acc", cost, "flops_rel",
-               "epochs", "config"]
+               *measured, "epochs", "config"]
     columns = list(dict.fromkeys(columns))
     atomic_write(out / "pareto.csv", csv_text(front_records, columns))
     meta = {"experiment": space.name, "objective": space.tune.objective, "accuracy": "val_acc",

@@ -21,6 +21,7 @@ from typing import Any
 
 from ssam_tune.storage.experiment import (
     CHECKPOINTS_DIR,
+    DIAGNOSTICS_FILE,
     JOURNAL_FILE,
     META,
     SPACE_FILE,
@@ -37,7 +38,10 @@ BASELINE_ORDER = ("sgd", "sam", "ssam")
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "mask_density",
            "mask_overlap", "mask_refreshes", "e_norm", "epoch_seconds", "flops_count_seconds", "images_per_second",
            "flops_theoretical", "flops_executed", "flops_mask", "flops_steps_theoretical",
-           "flops_steps_executed", "train_seconds")
+           "flops_steps_executed", "train_seconds", "perturbed_share", "perturbed_steps")
+# The sharpness of a front point (tune.diagnostics: sharpness; ssam_tune/sharpness.py keeps the
+# whole measurement in the experiment's diagnostics.json): column -> key of the measurement.
+SHARPNESS = {"lambda_max": "lambda_max", "lambda_ratio": "lambda_max_over_lambda_5", "hessian_trace": "trace"}
 # Ray's bookkeeping keys in result.json: not metrics.
 RAY_KEYS = frozenset({"timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration",
                       "trial_id", "date", "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip",
@@ -399,8 +403,12 @@ def load_rows(exp: Path, cost_metric: str, space) -> tuple[list[dict], list[dict
     if space is not None and space.mode == "search":
         by_ray, loose, problem = _optuna_info(exp, space.name, space.tune.objective)
     sgd_cost = sgd_cost_of(rows, cost_metric)
+    measured = read_json(exp / DIAGNOSTICS_FILE).get("sharpness", {})
     for row in rows:
         row["optuna_status"] = by_ray.get(row["trial_id"])
+        entry = measured.get(row["trial_id"])
+        if isinstance(entry, dict) and "error" not in entry:
+            row.update({column: entry.get(key) for column, key in SHARPNESS.items()})
         cost = row.get(cost_metric)
         row["flops_rel"] = cost / sgd_cost if cost is not None and sgd_cost else None
     return rows, loose, problem

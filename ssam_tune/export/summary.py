@@ -141,12 +141,19 @@ def summary_text(space, exp: Path, rows: list[dict], front: list[dict], best: di
                      "Config: `best_config.yaml`.")
     lines += ["", f"## Pareto front (val_acc: max, `{cost}`: min; completed trials only)", ""]
     if front:
+        sharp = any("lambda_max" in r for r in front)  # tune.diagnostics: sharpness
         body = [[k, r["trial_id"], r["label"], r.get("method.name"), _fmt_hp(r, keys), fmt_pct(r["val_acc"]),
                  fmt_pct(r.get("test_acc")), fmt_sci(r.get(cost)),
                  f"{r['flops_rel']:.3f}" if r.get("flops_rel") else "",
+                 *([_fmt_g(r.get("lambda_max")), _fmt_g(r.get("hessian_trace"))] if sharp else []),
                  f"`{configs.get(r['trial_id'], '')}`"] for k, r in enumerate(front)]
         lines += md_table(["k", "trial", "label", "method", "hyper-parameters", "val_acc", "test_acc", cost,
-                            "x SGD", "config"], body)
+                           "x SGD", *(["lambda_max", "Hessian trace"] if sharp else []), "config"], body)
+        if sharp:
+            lines += ["", ("lambda_max: the top eigenvalue of the Hessian of the training loss at the trial's final "
+                           "weights; Hessian trace: Hutchinson's estimate (1,000 seeded training samples, BatchNorm "
+                           "in eval mode; `diagnostics.json` in the experiment folder has every figure). Blank: "
+                           "not measured (see that file).")]
     else:
         lines.append("Empty: no trial completed.")
     if sgd_dominates(front):
@@ -191,6 +198,10 @@ def summary_text(space, exp: Path, rows: list[dict], front: list[dict], best: di
               f"- trained on host(s): {', '.join(hosts) or 'unknown'}",
               f"- exported on: {_hardware()}", ""]
     return "\n".join(lines)
+
+
+def _fmt_g(value) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else ""
 
 
 def sgd_dominates(front: list[dict]) -> bool:

@@ -67,6 +67,10 @@ class PerturbSchedule:
             on = [o and d < self.prob for o, d in zip(on, draws, strict=True)]
         return on
 
+    def expected_share(self) -> float:
+        """The share of steps that perturb in a long run: (1 - f) p / k."""
+        return (1.0 - self.start) * self.prob / self.every
+
     def fraction(self, total_steps: int) -> float:
         """The share of the run's steps that perturb (exact for this seed)."""
         return sum(self.plan(total_steps)) / total_steps if total_steps > 0 else 0.0

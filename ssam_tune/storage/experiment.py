@@ -13,6 +13,7 @@ An experiment lives at ``<storage>/<name>``, where storage is a local folder (de
     trial_<id>/params.json    the trial's config: {META: bookkeeping, "config": training config}
     trial_<id>/result.json    its reports, one per epoch (:func:`full_fidelity` reads the last)
     checkpoints/<trial id>/   the trial's own newest checkpoint while it runs (local storage)
+    diagnostics.json          measurements of the front points (tune.diagnostics), by trial id
 
 Every other module asks this one (or :func:`ssam_tune.storage.files.is_uri`) whether a path
 is a URI. Local files are written atomically (:mod:`ssam_tune.storage.files`).
@@ -29,14 +30,16 @@ from pathlib import Path
 
 from ssam_tune.storage.files import atomic_write, is_uri
 
-__all__ = ["CHECKPOINTS_DIR", "JOURNAL_FILE", "META", "RESULTS", "RUNGS_FILE", "SPACE_FILE", "TUNER_FILE",
-           "Experiment", "full_fidelity", "resolve_storage"]
+__all__ = ["CHECKPOINTS_DIR", "CKPT_FILE", "DIAGNOSTICS_FILE", "JOURNAL_FILE", "META", "RESULTS", "RUNGS_FILE",
+           "SPACE_FILE", "TUNER_FILE", "Experiment", "full_fidelity", "resolve_storage"]
 
 RESULTS = Path("results")  # exports go to results/<name>, local Ray storage to results/ray
 SPACE_FILE = "space.yaml"
 JOURNAL_FILE = "optuna.journal"
 RUNGS_FILE = "asha_rungs.json"
 TUNER_FILE = "tuner.pkl"
+DIAGNOSTICS_FILE = "diagnostics.json"
+CKPT_FILE = "checkpoint.pt"  # a training checkpoint inside a checkpoint folder (Ray's, the trial's own)
 CHECKPOINTS_DIR = "checkpoints"
 TRIAL_PREFIX = "trial_"
 RAY_CHECKPOINT_PREFIX = "checkpoint_"  # Ray's checkpoint folders inside a trial's folder
@@ -291,7 +294,7 @@ class Experiment:
             if info.type != pafs.FileType.File:
                 continue
             rel = Path(info.path).relative_to(root)
-            top_level = len(rel.parts) == 1 and (rel.name in (SPACE_FILE, JOURNAL_FILE)
+            top_level = len(rel.parts) == 1 and (rel.name in (SPACE_FILE, JOURNAL_FILE, DIAGNOSTICS_FILE)
                                                  or rel.name.startswith(STATE_PREFIX))
             in_trial = len(rel.parts) == 2 and rel.parts[0].startswith(TRIAL_PREFIX) and rel.name in wanted
             if top_level or in_trial:

@@ -82,6 +82,9 @@ SCHEDULERS = ("auto", "mo_asha", "asha", "none")
 # (deleted as soon as a trial is pruned or diverges, the rest after the export); "all" keeps
 # every trial's last keep_checkpoints.
 RETAIN = ("front", "all")
+# Measurements of the front points after the search (ssam_tune/sharpness.py): "sharpness" is
+# the Hessian's top eigenvalues and trace at each front point's final weights.
+DIAGNOSTICS = ("none", "sharpness")
 
 
 @dataclass
@@ -126,6 +129,7 @@ class TuneSettings:
     max_failures: int = field(default=2, metadata=rule(lo=0))
     keep_checkpoints: int = field(default=2, metadata=rule(lo=1, hi=2, help="bounded disk use"))
     retain_checkpoints: str = field(default="front", metadata=rule(choices=RETAIN))
+    diagnostics: str = field(default="none", metadata=rule(choices=DIAGNOSTICS))
     # the front points re-run with fresh seeds: 0 without a confirm: mapping (no confirmation
     # step); top_k 3 and seeds [1, 2, 3] where the mapping leaves them out
     confirm_top_k: int = field(default=0, metadata=rule(lo=1, yaml_key="confirm.top_k", given=3))
@@ -624,6 +628,7 @@ def space_to_dict(space: SearchSpace) -> dict:
         "storage_path": t.storage_path, "max_failures": t.max_failures, "keep_checkpoints": t.keep_checkpoints,
         # written only when not the default, so older versions still read (export) the file
         **({"retain_checkpoints": t.retain_checkpoints} if t.retain_checkpoints != "front" else {}),
+        **({"diagnostics": t.diagnostics} if getattr(t, "diagnostics", "none") != "none" else {}),
     }
     if t.confirm_top_k:
         out["tune"]["confirm"] = {"top_k": t.confirm_top_k, "seeds": list(t.confirm_seeds)}

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ray import tune
 
-from ssam_tune.storage.experiment import META, RAY_CHECKPOINT_PREFIX, Experiment
+from ssam_tune.storage.experiment import CKPT_FILE, META, RAY_CHECKPOINT_PREFIX, Experiment
 from ssam_tune.storage.files import clear_partial_writes
 from ssam_tune.training.config import config_from_dict
 from ssam_tune.training.data import Data
@@ -47,7 +47,6 @@ from ssam_tune.tuning._private import quiet_train_reports
 
 __all__ = ["train_trial"]
 
-CKPT_FILE = "checkpoint.pt"
 _DATA_CACHE: dict[str, Data] = {}  # one load per worker process (actors are reused)
 
 
