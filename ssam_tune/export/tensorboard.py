@@ -64,6 +64,8 @@ TAGS = {
     "images_per_second": "cost/images_per_second", "time_total_s": "cost/time_total_s",
     "mask_density": "mask/density", "mask_overlap": "mask/overlap", "mask_refreshes": "mask/refreshes",
     "lr": "optimizer/lr", "e_norm": "optimizer/e_norm",
+    # the perturbation schedules' share of perturbing steps (reported by trainers that have them)
+    "perturbed_share": "optimizer/perturbed_share", "perturbed_steps": "optimizer/perturbed_steps",
     "best_epoch": "run/best_val_epoch", "workers": "run/workers", "resumed_from": "run/resumed_from",
 }
 # final/* (one value per trial, at its last epoch): the HParams metrics. The search's cost
