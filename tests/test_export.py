@@ -325,6 +325,7 @@ def test_tensorboard_runs_with_hparams(exported):
     out, info = exported.out, exported.info
     runs = sorted(p for p in (out / "tensorboard").iterdir() if p.is_dir())
     assert len(runs) == len(TRIALS) == info["tensorboard_runs"]
+    seen = set()
     for run in runs:
         files = list(run.glob("events.out.tfevents.*"))
         assert len(files) == 1
@@ -339,15 +340,20 @@ def test_tensorboard_runs_with_hparams(exported):
                     scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
         assert hparams is not None, run
         assert {"method.name", "label", "status"} <= set(hparams)
-        if run.name.startswith("optuna0_"):
+        # the run names the method (label alone for a baseline); tags are grouped ("accuracy/val")
+        assert run.name.startswith(hparams["method.name"].string_value)
+        if run.name.startswith("ssam_f-optuna0_"):
             assert hparams["method.name"].string_value == "ssam_f"
             assert hparams["method.sparsity"].number_value == pytest.approx(0.9)
             assert hparams["status"].string_value == "completed"
-            assert [s for s, _ in scalars["val_acc"]] == [1, 2, 3, 4]
-            assert scalars["final/val_acc"][0][1] == pytest.approx(0.58)
-            assert "final/test_acc" in scalars and "final/flops" in scalars and "flops_theoretical" in scalars
+            assert [s for s, _ in scalars["accuracy/val"]] == [1, 2, 3, 4]
+            assert scalars["final/accuracy/val"][0][1] == pytest.approx(0.58)
+            assert {"final/accuracy/test", "final/cost/flops", "cost/flops_theoretical"} <= set(scalars)
+            seen.add("optuna0")
         if run.name.startswith("sgd_"):
             assert hparams["method.rho"].number_value == -1  # does not apply to SGD: the sentinel, not a 0
+            seen.add("sgd")
+    assert seen == {"optuna0", "sgd"}  # both runs found under their names
     top = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert len(top) == 1  # the HParams experiment config (columns and metrics)
 

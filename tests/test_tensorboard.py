@@ -1,7 +1,8 @@
 """The live TensorBoard (ssam_tune.export.live) on a real local Ray, read back as
 TensorBoard reads it (event_accumulator: one accumulator per run folder, first metadata of a
-tag wins): one run per trial, the per-epoch scalars of result.json, every HParams column for
-every trial, trials.csv's status, nothing from Ray's own TensorBoard logger; then --resume.
+tag wins): one run per trial, named with its method, the per-epoch scalars of result.json
+under grouped tags, every HParams column for every trial, every searched key ticked,
+trials.csv's status, nothing from Ray's own TensorBoard logger; then --resume.
 """
 
 import os
@@ -16,6 +17,18 @@ from ssam_tune.export.write import safe_name
 
 # optuna0 starts with the anchor; the numbers after it depend on when the anchor enters the study
 PRUNED, RAISES = "optuna0", "sgd"
+# The tags TensorBoard must show, written out here (not read from ssam_tune.export.tensorboard.TAGS),
+# so that the tests fail if the grouping is undone or changed by accident.
+GROUPED = {"val_acc": "accuracy/val", "test_acc": "accuracy/test", "best_val_acc": "accuracy/best_val",
+           "flops_theoretical": "cost/flops_theoretical", "train_seconds": "cost/train_seconds"}
+GROUPS = {"accuracy", "loss", "cost", "mask", "optimizer", "run", "final", "other"}
+FINAL_VAL, FINAL_COST = "final/accuracy/val", "final/cost/flops"
+
+
+def expected_run(row) -> str:
+    """``<method>-<label>_<trial id>``, the label alone where it is the method (a baseline)."""
+    method, label = row["method.name"], safe_name(row["label"])
+    return f"{label}_{row['trial_id']}" if label == method else f"{method}-{label}_{row['trial_id']}"
 
 
 class StopOne(Stopper):
@@ -64,16 +77,25 @@ def shown_by_default(experiment) -> list[str]:
     return sorted(i.name for i in infos[:5])
 
 
-def check_tree(out, exp_dir):
+def check_tree(out, exp_dir, searched):
     rows = {r["trial_id"]: r for r in load_trials(exp_dir)}
     csv_status = {r["trial_id"]: r["status"] for r in read_rows(out / "trials.csv")}
     runs, experiment = read_tree(out / "tensorboard")
-    assert sorted(runs) == sorted(f"{safe_name(r['label'])}_{tid}" for tid, r in rows.items())
+    assert sorted(runs) == sorted(expected_run(r) for r in rows.values())
+    for name, run in runs.items():  # the method is in the run name
+        assert name.startswith(run["hparams"]["method.name"]), name
     names = [i.name for i in experiment.hparam_infos]
-    assert shown_by_default(experiment) == ["method.N_F", "method.name", "method.rho", "method.sparsity", "status"]
-    assert [m.name.tag for m in experiment.metric_infos][:2] == ["final/val_acc", "final/flops"]
+    # every searched key ticked; the space searches four, so one usual key of the methods fills the five
+    assert set(searched) <= set(shown_by_default(experiment))
+    assert shown_by_default(experiment) == ["method.N_F", "method.T_m", "method.name", "method.rho",
+                                            "method.sparsity"]
+    metrics = [m.name.tag for m in experiment.metric_infos]
+    assert metrics[:2] == [FINAL_VAL, FINAL_COST]
+    for run in runs.values():  # grouped tags; the HParams metric columns read the final/* ones
+        assert {t.split("/", 1)[0] for t in run["scalars"]} <= GROUPS and all("/" in t for t in run["scalars"])
+        assert {t for t in run["scalars"] if t.startswith("final/")} <= set(metrics)
     for tid, row in rows.items():
-        run = runs[f"{safe_name(row['label'])}_{tid}"]
+        run = runs[expected_run(row)]
         hp = run["hparams"]
         assert hp is not None and sorted(hp) == sorted(names)  # every column, for parallel coordinates
         assert hp["status"] == csv_status[tid] == row["status"]
@@ -83,11 +105,13 @@ def check_tree(out, exp_dir):
         assert hp["method.rho"] == (-1 if method == "sgd" else pytest.approx(row["method.rho"]))
         assert hp["method.sparsity"] == (pytest.approx(row["method.sparsity"]) if method.startswith("ssam") else -1)
         for result in row["_series"]:  # every per-epoch metric of result.json, at step = epoch
-            for key in ("val_acc", "test_acc", "flops_theoretical", "train_seconds", "best_val_acc"):
+            for key, tag in GROUPED.items():
                 if key in result:
-                    steps = dict(run["scalars"][key])
+                    steps = dict(run["scalars"][tag])
                     assert steps[result["epoch"]] == pytest.approx(result[key], rel=1e-6)
-        assert run["scalars"]["final/val_acc"][-1][1] == pytest.approx(row["val_acc"], rel=1e-6)
+        assert run["scalars"][FINAL_VAL][-1][1] == pytest.approx(row["val_acc"], rel=1e-6)
+        if row["status"] == "completed":  # the HParams dashboard's first two metric columns
+            assert FINAL_COST in run["scalars"]
     return runs
 
 
@@ -113,16 +137,17 @@ def test_live_tensorboard_tree_and_resume(tmp_path, monkeypatch):
     out = run_search(space, storage=storage, resume=False, results=str(tmp_path), trainable=flaky_trainable,
                      stop=StopOne())
 
-    runs = check_tree(out, exp_dir)
-    status = {name.rsplit("_", 1)[0]: run["hparams"]["status"] for name, run in runs.items()}
+    searched = list(data["search"])
+    runs = check_tree(out, exp_dir, searched)
+    status = {run["hparams"]["label"]: run["hparams"]["status"] for run in runs.values()}
     assert (status[PRUNED], status[RAISES]) == ("pruned", "errored")
     assert set(status.values()) == {"completed", "pruned", "errored"}
-    # The export writes the same runs, tags and HParams (final/best_val_acc also when the
+    # The export writes the same runs, tags and HParams (final/accuracy/best_val also when the
     # trainable does not report it, as the failing one here: it has the epochs to compute it).
     export_runs, export_exp = read_tree(out / "tensorboard_export")
 
     def tags_and_hparams(tree):
-        return {k: (sorted(set(r["scalars"]) - {"final/best_val_acc"}), r["hparams"]) for k, r in tree.items()}
+        return {k: (sorted(set(r["scalars"]) - {"final/accuracy/best_val"}), r["hparams"]) for k, r in tree.items()}
 
     assert tags_and_hparams(export_runs) == tags_and_hparams(runs)
     assert export_exp.hparam_infos == read_tree(out / "tensorboard")[1].hparam_infos
@@ -132,10 +157,10 @@ def test_live_tensorboard_tree_and_resume(tmp_path, monkeypatch):
     # ends completed, in a new event file next to its first one.
     monkeypatch.delenv("SSAM_TEST_RAISE_LABEL")
     out = run_search(space, storage=storage, resume=True, results=str(tmp_path), trainable=flaky_trainable)
-    runs = check_tree(out, exp_dir)
-    retried = next(r for name, r in runs.items() if name.startswith(f"{RAISES}_"))
+    runs = check_tree(out, exp_dir, searched)
+    retried = next(r for r in runs.values() if r["hparams"]["label"] == RAISES)
     assert retried["hparams"]["status"] == "completed" and retried["files"] == 2
-    assert [s for s, _ in retried["scalars"]["val_acc"]][-1] == 3
+    assert [s for s, _ in retried["scalars"]["accuracy/val"]][-1] == 3
     assert not list(exp_dir.rglob("events.out.tfevents*"))
 
 
@@ -186,3 +211,53 @@ def test_event_records_are_byte_identical_to_tensorboards_record_writer():
         writer.write(ev.SerializeToString(deterministic=True))
     assert tb._records(events) == buf.getvalue()
     assert tb._records([]) == b""
+
+
+def test_every_metric_has_a_grouped_tag():
+    """Every metric a trial reports gets a tag "<group>/<name>" (Time Series groups cards by
+    the part before the "/"); an unknown one (a user's trainable) goes to "other"."""
+    from ssam_tune.export import tensorboard as tb
+    from ssam_tune.export.read import METRICS
+
+    result = {"epoch": 2, "timestamp": 1.5e9, "best_epoch": 2, "best_val_acc": 0.5, "test_acc_at_best": 0.4,
+              "time_total_s": 9.0, "workers": 1, "resumed_from": 0, "label": "optuna1", "my_metric": 1.0,
+              **{k: 1.0 for k in METRICS}}
+    tags = [v.tag for v in tb.epoch_event(result).summary.value]
+    assert len(tags) == len(set(tags)) == len(result) - 3  # not epoch, timestamp, label
+    assert all(t.split("/", 1)[0] in GROUPS and t.count("/") == 1 for t in tags)
+    assert {k: tb.tag(k) for k in GROUPED} == GROUPED
+    assert (tb.tag("workers"), tb.tag("my_metric"), tb.tag("mask_density")) == ("run/workers", "other/my_metric",
+                                                                              "mask/density")
+    assert not [k for k in METRICS if tb.tag(k).startswith("other/")]  # every known metric has its group
+    finals = tb.final_metrics({"val_acc": 0.5, "flops_theoretical": 2.0}, "flops_theoretical", 4.0)
+    assert finals == {FINAL_VAL: 0.5, FINAL_COST: 2.0, "final/cost/flops_rel": 0.5,
+                      "final/cost/flops_theoretical": 2.0}
+    assert set(finals) <= set(tb.FINAL_METRICS)  # the HParams metric columns: the final/* tags
+
+
+def test_run_names_carry_the_method():
+    from ssam_tune.export.tensorboard import run_name
+
+    assert run_name({"method": {"name": "ssam_f"}}, "optuna3", "1a2b") == "ssam_f-optuna3_1a2b"
+    assert run_name({"method": {"name": "sam"}}, "sam", "1a2b") == "sam_1a2b"  # a baseline: its label is the method
+    assert run_name({"method": {"name": "sam"}}, "front3_sam/seed1", "1a2b") == "sam-front3_sam_seed1_1a2b"
+    assert run_name({}, "case", "1a2b") == "case_1a2b"
+
+
+def test_quickstart_ticks_every_searched_key(tmp_path):
+    """search_spaces/quickstart.yaml samples five keys: all five are the HParams dashboard's
+    default columns, with the final validation accuracy and cost first among the metrics."""
+    from pathlib import Path
+
+    from ssam_tune.export.front import hp_keys
+    from ssam_tune.export.tensorboard import experiment_events, write_events
+    from ssam_tune.tuning.space import load_space
+
+    space = load_space(Path(__file__).parents[1] / "search_spaces" / "quickstart.yaml")
+    searched = sorted(d.key for d in space.search)
+    assert len(searched) == 5
+    (tmp_path / "tb").mkdir()
+    write_events(tmp_path / "tb" / "events.out.tfevents.1.ssam_tune", experiment_events(hp_keys(space, []), 1))
+    experiment = read_tree(tmp_path / "tb")[1]
+    assert shown_by_default(experiment) == searched
+    assert [m.name.tag for m in experiment.metric_infos][:2] == [FINAL_VAL, FINAL_COST]

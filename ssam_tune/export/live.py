@@ -119,7 +119,7 @@ class LiveTensorBoard(Callback):
         if trial.trial_id not in self._files:
             t0 = int(finite_number(result.get("timestamp")) or time.time())
             label = trial.config.get(META, {}).get("label") or result.get("label") or ""
-            run = Path(self.dest) / run_name(label, trial.trial_id)
+            run = Path(self.dest) / run_name(trial.config.get("config", {}), label, trial.trial_id)
             if run.is_dir():  # the trial ran under an earlier driver: it gets a new session
                 try:
                     drop_sessions(run)

@@ -1,6 +1,7 @@
 """The TensorBoard format of an experiment, owned here: one run per trial,
-``<label>_<trial id>/``, holding the per-epoch scalars (step = epoch), the ``final/*``
-metrics and an HParams session; the HParams experiment config at the top. The live callback
+``<method>-<label>_<trial id>/`` (:func:`run_name`), holding the per-epoch scalars (step =
+epoch) under grouped tags (:data:`TAGS`), the ``final/*`` metrics and an HParams session; the
+HParams experiment config at the top. The live callback
 (:mod:`ssam_tune.export.live`) appends these events while the search runs; the export
 rebuilds the same runs and tags from the experiment folder, byte-identically from one export
 to the next (tensorboard is imported when writing).
@@ -11,11 +12,17 @@ What TensorBoard 2.21 does with them, and why the layout is what it is:
   experiment config is written once, before any trial, and a trial's session (its
   hyper-parameters and status) once, when the trial ends;
 - the HParams dashboard ticks its first five hyper-parameter columns, after the backend has
-  sorted them by ``(not differs, name)`` (``backend_context``); so ``differs`` is set on
-  exactly the five to show (method, status, the first searched keys). It ticks the first
-  five metrics in the config's order;
+  sorted them by ``(not differs, name)`` (``backend_context``) and the page has stably
+  sorted them differs-first (``tf-hparams-query-pane``: ``kNumHParamsToDisplayByDefault =
+  5``). HParamInfo has no "show by default" field (name, display_name, description, type,
+  domain, differs), so ``differs`` is set on exactly the five to show
+  (:func:`shown_hparams`). It ticks the first five metrics in the config's order;
+- Time Series groups the scalar cards by the tag's prefix up to the first ``/``, sorts the
+  groups by name and opens only the first two on a fresh page (``metrics_reducers``:
+  ``tagGroupExpanded``), so the groups are named by what they measure: ``accuracy`` and
+  ``cost`` open;
 - parallel coordinates leave out a trial without a value on every ticked column, so a key
-  that does not apply to a trial's method gets a sentinel: 0 for a number, "n/a" for text.
+  that does not apply to a trial's method gets a sentinel: -1 for a number, "n/a" for text.
 """
 
 from __future__ import annotations
@@ -40,15 +47,54 @@ KINDS = ("baseline", "search", "case")
 # Columns the HParams dashboard ticks by default: the first SHOWN metrics below, and the
 # SHOWN hyper-parameters marked as differing (see the module doc).
 SHOWN = 5
+
+# The ONE mapping from a reported metric key (result.json, trials.csv, Optuna: those keep their
+# names) to its TensorBoard tag, for the export and the live callback alike. The group (before
+# the "/") is what the value measures, so train, validation and test curves of one quantity sit
+# side by side, and "accuracy" and "cost", the search's trade-off, are the two groups
+# TensorBoard opens (module doc). A key not listed here goes to "other" (tag()).
+TAGS = {
+    "val_acc": "accuracy/val", "train_acc": "accuracy/train", "test_acc": "accuracy/test",
+    "best_val_acc": "accuracy/best_val", "test_acc_at_best": "accuracy/test_at_best_val",
+    "val_loss": "loss/val", "train_loss": "loss/train", "test_loss": "loss/test",
+    "flops_theoretical": "cost/flops_theoretical", "flops_executed": "cost/flops_executed",
+    "flops_mask": "cost/flops_mask", "flops_steps_theoretical": "cost/flops_steps_theoretical",
+    "flops_steps_executed": "cost/flops_steps_executed", "flops_count_seconds": "cost/flops_count_seconds",
+    "train_seconds": "cost/train_seconds", "epoch_seconds": "cost/epoch_seconds",
+    "images_per_second": "cost/images_per_second", "time_total_s": "cost/time_total_s",
+    "mask_density": "mask/density", "mask_overlap": "mask/overlap", "mask_refreshes": "mask/refreshes",
+    "lr": "optimizer/lr", "e_norm": "optimizer/e_norm",
+    # the perturbation schedules' share of perturbing steps (reported by trainers that have them)
+    "perturbed_share": "optimizer/perturbed_share", "perturbed_steps": "optimizer/perturbed_steps",
+    "best_epoch": "run/best_val_epoch", "workers": "run/workers", "resumed_from": "run/resumed_from",
+}
+# final/* (one value per trial, at its last epoch): the HParams metrics. The search's cost
+# (tune.flops: theoretical or executed FLOPs) and its ratio to the SGD anchor's have no
+# per-epoch key of their own.
+FINAL, COST, COST_REL = "final/", "cost/flops", "cost/flops_rel"
 # Accuracy and cost first: every trial with a result has them (flops_rel needs the SGD anchor).
-FINAL_METRICS = ("final/val_acc", "final/flops", "final/test_acc", "final/best_val_acc", "final/train_seconds",
-                 "final/flops_rel", "final/flops_theoretical", "final/flops_executed")
+FINAL_METRICS = tuple(FINAL + t for t in (TAGS["val_acc"], COST, TAGS["test_acc"], TAGS["best_val_acc"],
+                                          TAGS["train_seconds"], COST_REL, TAGS["flops_theoretical"],
+                                          TAGS["flops_executed"]))
 # result.json keys that are bookkeeping, not curves (best_val_acc, best_epoch, time_total_s are curves).
 _NOT_SCALARS = RAY_KEYS - {"best_val_acc", "best_epoch", "time_total_s"}
 
 
-def run_name(label: str, trial_id: str) -> str:
-    return f"{safe_name(label)}_{trial_id}"
+def tag(key: str) -> str:
+    """The TensorBoard tag of a metric key: :data:`TAGS`, else ``other/<key>`` (a metric of a
+    user's trainable), or the key itself where it already names a group (has a ``/``)."""
+    return TAGS.get(key) or (key if "/" in key else f"other/{key}")
+
+
+def run_name(config: Mapping, label: str, trial_id: str) -> str:
+    """A trial's run folder: ``<method>-<label>_<trial id>`` (``ssam_f-optuna3_1a2b3c4d``), the
+    label alone where it is the method (the baselines: ``sam_5e6f7a8b``), so the run list says
+    which method a curve is. ``config``: the nested training config, as both writers read it
+    from the trial's params; safe_name keeps it a file name."""
+    method, label = (config.get("method") or {}).get("name"), safe_name(label)
+    method = safe_name(str(method)) if method else label
+    # "-" between them: method names and labels hold "_" themselves
+    return f"{label if method == label else f'{method}-{label}'}_{trial_id}"
 
 
 def event_file(folder: Path, t0: int) -> Path:
@@ -125,7 +171,7 @@ def epoch_event(result: Mapping):
         t = type(v)
         number = (t is float and v - v == 0.0) or t is int or (t is not float and finite_number(v) is not None)
         if number and k not in _NOT_SCALARS:
-            add(tag=k, simple_value=float(v))
+            add(tag=tag(k), simple_value=float(v))
     wall = finite_number(result.get("timestamp")) or 0.0
     return event_pb2.Event(wall_time=wall, step=epoch, summary=summary)
 
@@ -164,12 +210,11 @@ def final_metrics(values: Mapping, cost_metric: str, sgd_cost: float | None) -> 
     """The final/* metrics of a trial from its last values (a trials.csv row or the last
     result); flops_rel is the cost over the completed SGD anchor's, as in trials.csv."""
     cost = finite_number(values.get(cost_metric))
-    finals = {"final/val_acc": values.get("val_acc"), "final/flops": cost, "final/test_acc": values.get("test_acc"),
-              "final/best_val_acc": values.get("best_val_acc"), "final/train_seconds": values.get("train_seconds"),
-              "final/flops_rel": cost / sgd_cost if cost is not None and sgd_cost else None,
-              "final/flops_theoretical": values.get("flops_theoretical"),
-              "final/flops_executed": values.get("flops_executed")}
-    return {k: float(v) for k, v in finals.items() if finite_number(v) is not None}
+    finals = {FINAL + tag(k): values.get(k)
+              for k in ("val_acc", "test_acc", "best_val_acc", "train_seconds", "flops_theoretical", "flops_executed")}
+    finals[FINAL + COST] = cost
+    finals[FINAL + COST_REL] = cost / sgd_cost if cost is not None and sgd_cost else None
+    return {k: float(finals[k]) for k in FINAL_METRICS if finite_number(finals[k]) is not None}
 
 
 def end_events(run: str, hp: dict, finals: dict, t0: float, t1: float, step: int) -> list:
@@ -212,13 +257,23 @@ def _choices(name: str) -> list[str] | None:
     return [*(str(c) for c in choices if c is not None), NOT_APPLICABLE_TEXT] if choices else None
 
 
+def shown_hparams(keys: list[str]) -> list[str]:
+    """The hyper-parameter columns the HParams dashboard ticks: the method and the first keys,
+    five in all (module doc). ``keys`` (front.hp_keys) lists the searched ones first, so every
+    key a search samples is ticked when it samples at most five (method.name included), as
+    search_spaces/quickstart.yaml does; status, label and kind are ticked by hand. The writers
+    get ``keys`` only, not which of them were searched, so a search of fewer keys also ticks the
+    method's usual ones that follow (front.KEY_PARAMS)."""
+    return ["method.name", *keys][:SHOWN]
+
+
 def experiment_events(keys: list[str], t: float) -> list:
     """The top run's events: the HParams experiment config (every column, its type and, for
     text, its values where known) with ``differs`` set on the columns to show (module doc)."""
     from tensorboard.compat.proto import event_pb2
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
-    shown = ["method.name", "status", *keys][:SHOWN]  # keys: the searched ones first (front.hp_keys)
+    shown = shown_hparams(keys)
     infos = []
     for name in ["method.name", *keys, "label", "status", "kind"]:
         info = api_pb2.HParamInfo(name=name, differs=name in shown)
@@ -267,7 +322,7 @@ def write_tensorboard(rows: list[dict], dest: Path, keys: list[str], cost_metric
             series = row["_series"]
             times = [int(r["timestamp"]) for r in series if finite_number(r.get("timestamp")) is not None]
             t0, t1 = (min(times), max(times)) if times else (0, 0)
-            run = build / run_name(row["label"], row["trial_id"])
+            run = build / run_name(row["_config"], row["label"], row["trial_id"])
             run.mkdir()
             hp = trial_hparams(row["_config"], row["label"], row["kind"], row["status"], keys)
             events = [header_event(t0), *[ev for ev in map(epoch_event, series) if ev is not None],
