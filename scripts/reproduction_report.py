@@ -15,6 +15,15 @@ accuracy only; test accuracy is only reported. The structured-sparsity check
 
     python scripts/reproduction_report.py --rho results/reproduce_structured_rho \
         --main results/reproduce_structured --out results/structured --refs sam,sgd,ssam_f50
+
+``--main`` takes several experiments (comma-separated folders, or their trials.csv files),
+so new cases are paired with the runs of an earlier report (the same seeds and protocol);
+``--cases`` keeps only the named cases, ``--rho`` may be left out, and only the first
+experiment's trials.csv is copied (the others are in their own reports):
+
+    python scripts/reproduction_report.py --main results/reproduce_schedules,results/structured/trials_main.csv \
+        --cases sgd,sam,ssam_f50,sam_k2,sam_k4,sam_from50,ssam_f50_k2,ssam_f50_k4,ssam_f50_from50 \
+        --refs sam,sgd,ssam_f50 --out results/schedules
 """
 
 from __future__ import annotations
@@ -54,27 +63,31 @@ def interval(diffs: list[float]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--rho", required=True)
-    p.add_argument("--main", required=True)
+    p.add_argument("--rho", default=None)
+    p.add_argument("--main", required=True, help="comma-separated experiment folders or trials.csv files")
+    p.add_argument("--cases", default=None, help="only these cases (comma-separated), in this order")
     p.add_argument("--out", required=True)
     p.add_argument("--refs", default="sam,sgd", help="cases to pair every case against (comma-separated)")
     args = p.parse_args()
     refs = args.refs.split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(args.rho) / "trials.csv", out / "trials_rho_search.csv")
-    shutil.copyfile(Path(args.main) / "trials.csv", out / "trials_main.csv")
+    tables = [Path(m) if m.endswith(".csv") else Path(m) / "trials.csv" for m in args.main.split(",")]
+    shutil.copyfile(tables[0], out / "trials_main.csv")
+    if args.rho:
+        shutil.copyfile(Path(args.rho) / "trials.csv", out / "trials_rho_search.csv")
+        lines = ["| case | rho | val acc (final epoch) | test acc (reported only) |", "|---|---|---|---|"]
+        for r in sorted(rows(Path(args.rho) / "trials.csv"), key=lambda r: r["label"]):
+            lines.append(f"| {group(r['label'])} | {float(r['method.rho']):g} | {100 * float(r['val_acc']):.2f} | "
+                         f"{100 * float(r['test_acc']):.2f} |")
+        (out / "rho_search.md").write_text("\n".join(lines) + "\n")
 
-    lines = ["| case | rho | val acc (final epoch) | test acc (reported only) |", "|---|---|---|---|"]
-    for r in sorted(rows(Path(args.rho) / "trials.csv"), key=lambda r: r["label"]):
-        lines.append(f"| {group(r['label'])} | {float(r['method.rho']):g} | {100 * float(r['val_acc']):.2f} | "
-                     f"{100 * float(r['test_acc']):.2f} |")
-    (out / "rho_search.md").write_text("\n".join(lines) + "\n")
-
-    trials = [r for r in rows(Path(args.main) / "trials.csv") if r["status"] == "completed"]
+    trials = [r for table in tables for r in rows(table) if r["status"] == "completed"]
     by_case: dict[str, dict[int, dict]] = {}
     for r in trials:
         by_case.setdefault(group(r["label"]), {})[seed_of(r)] = r
+    if args.cases:
+        by_case = {case: by_case[case] for case in args.cases.split(",")}
     sgd_flops = statistics.mean(float(r["flops_theoretical"]) for r in by_case["sgd"].values())
     header = ("| case | n | test acc % (mean +- std) | "
               + " | ".join(f"vs {ref}: diff [95% CI]" for ref in refs)

@@ -103,3 +103,17 @@ def test_front_costs_print_with_the_decimals_that_separate_them():
     assert separating_digits([1.0, 1.5, 2.0]) == 2
     assert separating_digits([1.0, 1.00001, 1.00002]) == 4  # at most four
     assert separating_digits([]) == 2
+
+
+def test_a_sampled_trials_line_names_its_method(capsys):
+    p = Progress(epochs=4, cost_metric="flops_theoretical")
+    p.setup()
+    t = trial("e", "optuna2")
+    t.config["config"] = {"method": {"name": "ssam_f"}}
+    anchor = trial("f", "sam")
+    anchor.config["config"] = {"method": {"name": "sam"}}
+    p.on_trial_result(0, [t, anchor], t, {"epoch": 1, "val_acc": 0.2, "flops_theoretical": 20.0})
+    p.on_trial_result(0, [t, anchor], anchor, {"epoch": 1, "val_acc": 0.2, "flops_theoretical": 20.0})
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.endswith("optuna2 ssam_f epoch 1/4   val_acc 0.200   cost 20")
+    assert second.endswith("sam           epoch 1/4   val_acc 0.200   cost 20")  # the label says it already

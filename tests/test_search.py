@@ -104,6 +104,15 @@ def test_the_fronts_sharpness_is_measured_and_exported(finished_search):
         assert again["lambda_max"] == pytest.approx(entry["lambda_max"], rel=1e-3)
     assert all(t["lambda_max"] == "" for i, t in trials.items() if i not in measured)
     assert "| lambda_max | Hessian trace |" in (out / "summary.md").read_text()
+    # TensorBoard: each front run's final/sharpness/* metrics (HParams columns)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for trial_id, entry in measured.items():
+        (run,) = (out / "tensorboard").glob(f"*_{trial_id}")
+        events = EventAccumulator(str(run))
+        events.Reload()
+        (last,) = events.Scalars("final/sharpness/lambda_max")
+        assert last.value == pytest.approx(entry["lambda_max"], rel=1e-6)
 
 
 def test_checkpoints_of_finished_trials_are_bounded(finished_search):

@@ -73,6 +73,32 @@ def test_define_by_run_samples_conditionally():
     assert set(seen) == {"sam", "ssam_f", "ssam_d"}
 
 
+def test_perturbation_schedules_are_searched_for_the_perturbing_methods(tmp_path):
+    """method.perturb_every / perturb_from / perturb_prob are keys of every perturbing method:
+    sampled for SAM and SSAM, never for SGD; --dry-run names the schedules of fixed trials."""
+    data = fast_space()
+    data["search"]["method.name"]["values"] = ["sgd", "sam", "ssam_f"]
+    data["search"]["method.perturb_every"] = {"type": "choice", "values": [1, 2, 4]}
+    data["search"]["method.perturb_from"] = {"type": "uniform", "low": 0.0, "high": 0.5}
+    space = load_space(write_yaml(tmp_path / "s.yaml", data))
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        params = sample_params(space, trial)
+        seen.add(params["method.name"])
+        perturbs = params["method.name"] != "sgd"
+        assert ("method.perturb_every" in params) == perturbs and ("method.perturb_from" in params) == perturbs
+        if perturbs:
+            assert params["method.perturb_every"] in (1, 2, 4) and 0 <= params["method.perturb_from"] <= 0.5
+        study.tell(trial, [0.5, 1.0])
+    assert seen == {"sgd", "sam", "ssam_f"}
+    bad = fast_space()
+    bad["search"]["method.perturb_every"] = {"type": "int", "low": 0, "high": 4}
+    with pytest.raises(ConfigError, match="perturb_every"):
+        load_space(write_yaml(tmp_path / "bad.yaml", bad))
+
+
 def test_space_round_trips_through_its_dump(tmp_path):
     space = load_space(FAST)
     write_yaml(tmp_path / "s.yaml", space_to_dict(space))
@@ -114,6 +140,14 @@ def test_dry_run_prints_space_and_budget(tmp_path):
     assert "trial budget: 9 trials (3 fixed + 6 sampled)" in r.stdout
     assert "method.rho: loguniform [0.02, 0.5]" in r.stdout
     assert list(tmp_path.iterdir()) == []
+    cases = {**fast_space(), "cases": [{"label": "k4", "method.name": "sam", "method.perturb_every": 4},
+                                       {"label": "late", "method.name": "ssam_f", "method.perturb_from": 0.5},
+                                       {"label": "every", "method.name": "sam"}], "seeds": [0, 1]}
+    cases.pop("search")
+    r = run_module("ssam_tune.run", str(write_yaml(tmp_path / "cases.yaml", cases)), "--dry-run",
+                   cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "perturbation schedules (share of steps that perturb" in r.stdout and ": k4 0.25, late 0.5\n" in r.stdout
 
 
 def test_workers_split_the_global_batch_and_are_sized_for_the_cluster(tmp_path):

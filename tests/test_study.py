@@ -81,10 +81,11 @@ def test_anchors_enter_the_study_once_with_names(tmp_path):
     assert len(study.trials) == 4
     assert trials["a"].user_attrs["label"] == "sgd" and trials["a"].values == [0.5, 40.0]
     assert trials["a"].user_attrs["baseline"] == {"method.name": "sgd"}
-    # an anchor's real duration; no intermediate values under objective multi (TPE would read
-    # a pruned trial's through study.direction, which a multi-objective study refuses)
+    # an anchor's real duration; the learning curves (optuna-dashboard) of completed trials,
+    # written when they are told under objective multi
     assert trials["a"].duration.total_seconds() >= 30
-    assert trials["a"].intermediate_values == {} and trials["x"].intermediate_values == {}
+    assert trials["a"].intermediate_values == {1: 0.3, EPOCHS: 0.5}
+    assert trials["x"].intermediate_values == {1: 0.2, EPOCHS: 0.55}
     assert trials["c"].state == optuna.trial.TrialState.FAIL and trials["c"].user_attrs["status"] == "diverged"
     assert sorted(t.user_attrs["label"] for t in study.best_trials) == ["sam", "sgd"]
 
@@ -170,7 +171,10 @@ def test_errored_trial_retried_on_resume_gets_a_fresh_trial(tmp_path, objective)
     assert new.params == old.params and new.user_attrs["retry_of"] == old.number
     assert new.user_attrs["ray_trial_id"] == "t1"
     assert new.values == ([0.5] if objective == "single" else [0.5, 40.0])
-    assert new.intermediate_values == ({2: 0.4, 3: 0.45} if objective == "single" else {})
+    # single: written live, so the retry's own epochs; multi: the whole curve at the end
+    # (and the final epoch's, which Ray may hand only to on_trial_complete)
+    assert new.intermediate_values == ({2: 0.4, 3: 0.45, EPOCHS: 0.5} if objective == "single"
+                                       else {1: 0.3, 2: 0.4, 3: 0.45, EPOCHS: 0.5})
     assert config["ssam_tune"]["optuna_number"] == old.number  # the bookkeeping moves with it
     assert again.suggest("t1")["ssam_tune"]["optuna_number"] == new.number
 
@@ -338,7 +342,8 @@ def test_enqueue_refuses_what_the_space_cannot_propose(tmp_path):
 
 def test_tpe_keeps_sampling_after_pruned_trials_under_two_objectives(tmp_path):
     """Pruned trials in a multi-objective study: TPE ranks them by their intermediate values
-    through study.direction, which raises for two objectives; the searcher writes none there."""
+    through study.direction, which raises for two objectives; the searcher writes them only
+    for completed trials there."""
     space = make_space(tmp_path, n_startup_trials=1, num_samples=8)
     s = SsamSearcher(space, Experiment(str(tmp_path)))
     for i in range(4):
@@ -346,5 +351,12 @@ def test_tpe_keeps_sampling_after_pruned_trials_under_two_objectives(tmp_path):
         s.suggest(tid)
         s.on_trial_result(tid, result(1, 0.2 + i / 100))
         s.on_trial_complete(tid, result(1, 0.2 + i / 100))  # stopped at epoch 1: PRUNED
-    assert [t.state for t in study_of(space, tmp_path).trials] == [optuna.trial.TrialState.PRUNED] * 4
-    assert s.suggest("t9")["ssam_tune"]["optuna_number"] == 4  # TPE past its start-up: no RuntimeError
+    s.suggest("t4")
+    for e in range(1, EPOCHS):
+        s.on_trial_result("t4", result(e, 0.1 * e))
+    s.on_trial_complete("t4", result(EPOCHS, 0.5, "completed"))
+    trials = study_of(space, tmp_path).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED] * 4 + [optuna.trial.TrialState.COMPLETE]
+    assert all(t.intermediate_values == {} for t in trials[:4])
+    assert trials[4].intermediate_values == {**{e: 0.1 * e for e in range(1, EPOCHS)}, EPOCHS: 0.5}
+    assert s.suggest("t9")["ssam_tune"]["optuna_number"] == 5  # TPE past its start-up: no RuntimeError

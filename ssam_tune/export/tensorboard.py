@@ -67,6 +67,9 @@ TAGS = {
     # the perturbation schedules' share of perturbing steps (reported by trainers that have them)
     "perturbed_share": "optimizer/perturbed_share", "perturbed_steps": "optimizer/perturbed_steps",
     "best_epoch": "run/best_val_epoch", "workers": "run/workers", "resumed_from": "run/resumed_from",
+    # a front point's sharpness (tune.diagnostics: sharpness), final/ only: measured once, at the end
+    "lambda_max": "sharpness/lambda_max", "lambda_ratio": "sharpness/lambda_ratio",
+    "hessian_trace": "sharpness/hessian_trace",
 }
 # final/* (one value per trial, at its last epoch): the HParams metrics. The search's cost
 # (tune.flops: theoretical or executed FLOPs) and its ratio to the SGD anchor's have no
@@ -75,7 +78,8 @@ FINAL, COST, COST_REL = "final/", "cost/flops", "cost/flops_rel"
 # Accuracy and cost first: every trial with a result has them (flops_rel needs the SGD anchor).
 FINAL_METRICS = tuple(FINAL + t for t in (TAGS["val_acc"], COST, TAGS["test_acc"], TAGS["best_val_acc"],
                                           TAGS["train_seconds"], COST_REL, TAGS["flops_theoretical"],
-                                          TAGS["flops_executed"]))
+                                          TAGS["flops_executed"], TAGS["lambda_max"], TAGS["lambda_ratio"],
+                                          TAGS["hessian_trace"]))
 # result.json keys that are bookkeeping, not curves (best_val_acc, best_epoch, time_total_s are curves).
 _NOT_SCALARS = RAY_KEYS - {"best_val_acc", "best_epoch", "time_total_s"}
 
@@ -211,7 +215,8 @@ def final_metrics(values: Mapping, cost_metric: str, sgd_cost: float | None) -> 
     result); flops_rel is the cost over the completed SGD anchor's, as in trials.csv."""
     cost = finite_number(values.get(cost_metric))
     finals = {FINAL + tag(k): values.get(k)
-              for k in ("val_acc", "test_acc", "best_val_acc", "train_seconds", "flops_theoretical", "flops_executed")}
+              for k in ("val_acc", "test_acc", "best_val_acc", "train_seconds", "flops_theoretical", "flops_executed",
+                        "lambda_max", "lambda_ratio", "hessian_trace")}
     finals[FINAL + COST] = cost
     finals[FINAL + COST_REL] = cost / sgd_cost if cost is not None and sgd_cost else None
     return {k: float(finals[k]) for k in FINAL_METRICS if finite_number(finals[k]) is not None}

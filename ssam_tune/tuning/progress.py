@@ -64,6 +64,11 @@ class Progress(Callback):
     def _say(self, trial, text: str) -> None:
         elapsed = time.monotonic() - (self.t0 or time.monotonic())
         label = trial.config.get(META, {}).get("label") or trial.trial_id
+        # a sampled trial's label is its Optuna number (as optuna-dashboard numbers it); its
+        # method says what it is
+        method = (trial.config.get("config", {}).get("method") or {}).get("name")
+        if method and method not in label:
+            label = f"{label} {method}"
         print(f"[{elapsed:6.0f}s] {label:<13} {text}", flush=True)
 
     def _cost(self, result: dict) -> str:

@@ -196,14 +196,19 @@ class SsamSearcher(Searcher):
             return
         info["last"] = self._kept(result)
         self._first_sight(trial_id, info)
-        if result.get("val_acc") is None or result.get("epoch") is None or self.space.tune.objective != "single":
+        self._curve_point(info, result)
+
+    def _curve_point(self, info: dict, result: dict) -> None:
+        """One epoch of the trial's learning curve."""
+        if result.get("val_acc") is None or result.get("epoch") is None:
             return
         # intermediate values: the validation accuracy per epoch, optuna-dashboard's learning
-        # curves (an anchor's are added with it when it finishes). Not under objective multi:
-        # Optuna's TPE ranks PRUNED trials by their intermediate values through
-        # study.direction, which a multi-objective study refuses (RuntimeError)
+        # curves (an anchor's are added with it when it finishes). Under objective multi only
+        # a completed trial's, written when it is told (tell): Optuna's TPE ranks PRUNED
+        # trials by their intermediate values through study.direction, which a
+        # multi-objective study refuses (RuntimeError)
         info.setdefault("curve", {})[int(result["epoch"])] = float(result["val_acc"])
-        if info["number"] is not None:
+        if info["number"] is not None and self.space.tune.objective == "single":
             _private.optuna_set_intermediate(self.study, info["number"], int(result["epoch"]),
                                              float(result["val_acc"]))
 
@@ -219,9 +224,11 @@ class SsamSearcher(Searcher):
         info["done"] = True
         if result:
             info["last"] = self._kept(result)
+            if not error:
+                self._curve_point(info, result)
         last = info["last"] or {}
         if info["number"] is not None:
-            self.tell(info["number"], last, error)
+            self.tell(info["number"], last, error, info.get("curve"))
         elif info["config"][META].get("kind") == "baseline" and self.space.mode == "search":
             self.add_baseline(trial_id, info, last, error)
 
@@ -256,7 +263,7 @@ class SsamSearcher(Searcher):
         log.info("Optuna trial %d (errored) is retried by Ray as Optuna trial %d", number, trial.number)
         return True
 
-    def tell(self, number: int, last: dict, error: bool) -> None:
+    def tell(self, number: int, last: dict, error: bool, curve: dict | None = None) -> None:
         status, epoch = last.get("status"), int(last.get("epoch") or 0)
         values = self._values(last)
         if error:
@@ -264,6 +271,10 @@ class SsamSearcher(Searcher):
         elif status != "diverged":
             full = full_fidelity(last, self.space.epochs) and values is not None
             status = "completed" if full else "pruned"  # stopped early: scheduler, time budget
+        if status == "completed" and self.space.tune.objective != "single":
+            for e, v in sorted((curve or {}).items()):  # the learning curve (on_trial_result says why now)
+                if math.isfinite(v):
+                    _private.optuna_set_intermediate(self.study, number, e, v)
         record(self.study, number, status, epoch, values)
 
     def _values(self, last: dict) -> list[float] | None:
