@@ -109,16 +109,20 @@ def test_user_data_takes_the_built_in_path():
 
 def _two_rank_trainer(rank: int, world: int) -> dict:
     sys.path.insert(0, str(HERE))
-    trainer = Trainer(config_from_dict(_cfg(FEATURES, "ssam_f", batch_size=32)), device="cpu")
+    cfg = _cfg(FEATURES, "ssam_f", batch_size=32)
+    cfg["method"]["perturb_prob"] = 0.5  # a random perturbation schedule: every rank must draw the same
+    trainer = Trainer(config_from_dict(cfg), device="cpu")
     assert (trainer.rank, trainer.world) == (rank, world)
     metrics = list(trainer.epochs())
     return {"val": [m["val_acc"] for m in metrics], "loss": [m["train_loss"] for m in metrics],
+            "plan": trainer.perturb_plan, "perturbed": metrics[-1]["perturbed_steps"],
             "params": [p.detach().clone() for p in trainer.model.parameters()],
             "masks": [m.clone() for m in trainer.opt.masks()]}
 
 
 def test_two_workers_on_a_foreign_model_equal_one(tmp_path):
-    """No BatchNorm, so 2 ranks on 16 samples each step as 1 worker on 32 (float32 round-off)."""
+    """No BatchNorm, so 2 ranks on 16 samples each step as 1 worker on 32 (float32 round-off),
+    with a random perturbation schedule (perturb_prob 0.5) whose draws the ranks share."""
     from test_distributed import run_ranks
 
     r0, r1 = run_ranks(_two_rank_trainer, tmp_path, timeout=120)
@@ -126,6 +130,7 @@ def test_two_workers_on_a_foreign_model_equal_one(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"], strict=True))
     assert all(torch.equal(a, b) for a, b in zip(r0["masks"], r1["masks"], strict=True))
     assert r0["val"] == r1["val"]
+    assert r0["plan"] == r1["plan"] == one["plan"] and 0 < r0["perturbed"] == sum(one["plan"]) < len(one["plan"])
     for a, b in zip(r0["params"], one["params"], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
     assert r0["loss"] == pytest.approx(one["loss"], abs=1e-4)

@@ -8,11 +8,11 @@ per-rank mean losses is the global mean loss, so averaging gradients gives its g
     x, y = shard(X, Y, rank, world)              # B / W samples of the global batch X, Y
     with opt.first_pass():                       # tensor masks: skipped grads stay None
         loss_fn(model(x), y).backward()
-    average_gradients(opt.params())              # g of Eq. 2 is the global-batch gradient
+    average_gradients(model.parameters())        # g of Eq. 2 is the global-batch gradient
     # SSAM-D update steps only: opt.dynamic_update(...), which reads that averaged g (Eq. 7)
     opt.first_step(zero_grad=True)               # the same e * m on every rank
     loss_fn(model(x), y).backward()
-    average_gradients(opt.params())              # the gradient at w + e, global batch
+    average_gradients(model.parameters())        # the gradient at w + e, global batch
     opt.second_step(zero_grad=True)              # the same base-optimizer step everywhere
 
 "Exact" means equal up to floating-point round-off (sums taken in another order):
