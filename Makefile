@@ -35,18 +35,18 @@ lint: venv
 	$(BIN)/python -m ruff check .
 	$(BIN)/lint-imports --no-cache
 
-# Everything: both tiers (the end-to-end one: tests that start Ray or a search subprocess,
-# marked e2e by tests/conftest.py); the slowest tests are listed at the end. One process: the
-# e2e tests size their waits for one search at a time on a 2-core machine. (Two pytest-xdist
-# workers, `-n 2 --dist loadgroup`, keep the e2e tier on one of them: tests/conftest.py groups
-# it and gives each worker its own Ray folder; not yet timed on a quiet machine.)
+# Everything, in two steps: the tests that start no Ray on two pytest-xdist workers with one
+# torch thread each (one per core), then the end-to-end tier (tests that start Ray or a search
+# subprocess, marked e2e by tests/conftest.py) in one process, alone on the machine, since its
+# waits are sized for one search at a time on 2 cores. Each step lists its slowest tests.
 test: lint
-	$(BIN)/python -m pytest -q tests --durations=25
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -m "not e2e" tests --durations=15
+	$(BIN)/python -m pytest -q -m e2e tests --durations=25
 
 # The inner loop: every test that starts no Ray and is not marked slow (every module of the
-# method and training layers is covered).
+# method and training layers is covered), on two workers.
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not e2e and not slow" tests --durations=10
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -m "not e2e and not slow" tests --durations=10
 
 # One thread per process, so two xdist workers use the two cores of a CI machine.
 test-portable: venv
