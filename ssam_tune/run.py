@@ -190,6 +190,7 @@ def confirmation_space(space: SearchSpace, runs: list[tuple[str, dict]]) -> Sear
                 for k, v in cfg[section].items()}
         cases[label.split("/seed")[0]] = flat
     t = dataclasses.replace(space.tune, scheduler="none", baselines=[], confirm_top_k=0, confirm_seeds=[],
+                            diagnostics="none",  # the search's front is measured; its re-runs are not
                             num_samples=len(cases) * len(space.tune.confirm_seeds))
     return SearchSpace(name=f"{space.name}-confirm", source=space.source, base=space.base, search=[],
                        cases=[{"label": label, **flat} for label, flat in cases.items()],
