@@ -7,7 +7,8 @@ Model: CIFAR ResNet-18 at ``--width`` (default 0.25), seeded initial weights in 
 cost does not depend on the weights), ``--samples`` embedded CIFAR-10 training images in
 batches of 250, float32 on the CPU. Rounds interleave the two kinds of product (one product
 each per round; benchmarks/_common.py says why). Then one timed ``sharpness()`` call with the
-CLI's defaults (Lanczos 20 steps, 20 Hutchinson probes: 40 products) and the goal of issue 23:
+CLI's defaults (``ssam_tune.sharpness.ITERS`` Lanczos steps and ``TRACE_SAMPLES`` Hutchinson
+probes, one product each) and the goal of issue 23:
 under 2 minutes for 1,000 samples on this 2-core CPU.
 
     python benchmarks/bench_sharpness.py --threads 2    # both cores, as the CLI uses them: minutes
@@ -31,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from _common import Tee, add_device_args, header, interleave, output_path, setup  # noqa: E402
 
 from ssam_tune.method.sharpness import Hessian, sharpness  # noqa: E402
+from ssam_tune.sharpness import ITERS, TRACE_SAMPLES  # noqa: E402
 from ssam_tune.training.batches import sample_for_fisher  # noqa: E402
 from ssam_tune.training.data import load_dataset  # noqa: E402
 from ssam_tune.training.models import build_model  # noqa: E402
@@ -89,10 +91,10 @@ def main() -> None:
     kept.grads.clear()  # free the kept graphs before the whole measurement builds its own
 
     t0 = time.perf_counter()
-    out = sharpness(model, batches, k=5, iters=20, trace_samples=20)
+    out = sharpness(model, batches, k=5, iters=ITERS, trace_samples=TRACE_SAMPLES)
     whole = time.perf_counter() - t0
     verdict = "met" if whole <= GOAL_S else "NOT met"
-    say(f"sharpness() with the CLI's defaults (20 Lanczos steps, 20 probes): {whole:.1f} s "
+    say(f"sharpness() with the CLI's defaults ({ITERS} Lanczos steps, {TRACE_SAMPLES} probes): {whole:.1f} s "
         f"(lambda_max {out['lambda_max']:.4g}, trace {out['trace']:.4g}); goal <= {GOAL_S:.0f} s for 1,000 "
         f"samples: {verdict if len(y) >= 1000 else 'not judged (fewer samples)'}")
     say.save(output_path(args, NAME))

@@ -123,10 +123,15 @@ def main() -> None:
     FigureCanvasAgg(fig)
     for k, kind in enumerate(("theoretical", "executed")):
         ax = fig.add_subplot(1, 2, k + 1)
-        for case, theo, exe, y, e in points:
+        placed: list[tuple[float, float]] = []
+        span = max(p[1 if kind == "theoretical" else 2] for p in points) - 1.0 or 1.0
+        for case, theo, exe, y, e in sorted(points, key=lambda p: -p[3]):
             x = theo if kind == "theoretical" else exe
             ax.errorbar([x], [y], yerr=[0 if math.isnan(e) else e], fmt="o", capsize=4, label=case)
-            ax.annotate(case, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            # a label near an earlier one (close in x and y) goes one line lower, so none overlap
+            near = sum(-0.05 * span < x - px < 0.25 * span and abs(y - py) < 0.6 for px, py in placed)
+            placed.append((x, y))
+            ax.annotate(case, (x, y), textcoords="offset points", xytext=(6, 4 - 11 * near), fontsize=8)
         ax.set_xlabel(f"{kind} training FLOPs, multiple of SGD's (mask costs included)")
         ax.set_ylabel("test accuracy, final epoch (%): mean +- std")
         ax.grid(alpha=0.3)
