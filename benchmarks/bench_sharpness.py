@@ -28,10 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from _common import Tee, add_device_args, header, interleave, output_path, setup  # noqa: E402
 
-from ssam_tune.method.sharpness import Hessian, sharpness  # noqa: E402
+from ssam_tune.method.sharpness import Hessian, hvp, sharpness  # noqa: E402
 from ssam_tune.sharpness import ITERS, TRACE_SAMPLES  # noqa: E402
 from ssam_tune.training.batches import sample_for_fisher  # noqa: E402
 from ssam_tune.training.data import load_dataset  # noqa: E402
@@ -39,18 +38,6 @@ from ssam_tune.training.models import build_model  # noqa: E402
 
 NAME = Path(__file__).stem
 GOAL_S = 120.0  # whole measurement, 1,000 samples, ResNet-18 width 0.25, 2-core CPU
-
-
-def rebuilt_product(model, batches, params, v: torch.Tensor) -> torch.Tensor:
-    """H v with the forward pass and gradient graph rebuilt for this product alone."""
-    n = sum(int(y.shape[0]) for _, y in batches)
-    out = torch.zeros_like(v)
-    for x, y in batches:
-        loss = F.cross_entropy(model(x), y, reduction="sum") / n
-        flat = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, create_graph=True)])
-        hv = torch.autograd.grad(flat, params, grad_outputs=v)
-        out += torch.cat([h.reshape(-1) for h in hv])
-    return out
 
 
 def main() -> None:
@@ -78,10 +65,9 @@ def main() -> None:
     kept = Hessian(model, batches)
     build_s = time.perf_counter() - t0
     say(f"building the kept graphs (once per measurement): {build_s:.2f} s")
-    a, b = kept(v), rebuilt_product(model, batches, params, v)
+    a, b = kept(v), hvp(model, batches, v)  # hvp: the graphs built for this one product
     say(f"the two products agree: max |difference| / max |H v| = {float((a - b).abs().max() / b.abs().max()):.2e}")
-    times = interleave({"kept graph": lambda: kept(v), "rebuilt graph": lambda: rebuilt_product(model, batches,
-                                                                                                 params, v)},
+    times = interleave({"kept graph": lambda: kept(v), "rebuilt graph": lambda: hvp(model, batches, v)},
                        args.rounds, device,
                        each=lambda r, name, s, _: say(f"round {r}: {name:14s} {s:7.2f} s per product"))
     med = {k: statistics.median(t) for k, t in times.items()}

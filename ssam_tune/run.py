@@ -80,10 +80,9 @@ def _schedule_lines(fixed: list[tuple[str, dict]]) -> list[str]:
 
     shown = {}
     for label, cfg in fixed:
-        m = cfg.get("method", {})
-        rule = PerturbSchedule(every=m.get("perturb_every", 1), start=m.get("perturb_from", 0.0),
-                               prob=m.get("perturb_prob", 1.0))
-        if method(m.get("name", "sgd")).perturbs and not rule.always:
+        m = cfg["method"]  # a resolved config: every key present, defaults included
+        rule = PerturbSchedule(every=m["perturb_every"], start=m["perturb_from"], prob=m["perturb_prob"])
+        if method(m["name"]).perturbs and not rule.always:
             shown.setdefault(label.split("/seed")[0], f"{rule.expected_share():.3g}")
     if not shown:
         return []

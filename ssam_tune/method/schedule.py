@@ -70,7 +70,3 @@ class PerturbSchedule:
     def expected_share(self) -> float:
         """The share of steps that perturb in a long run: (1 - f) p / k."""
         return (1.0 - self.start) * self.prob / self.every
-
-    def fraction(self, total_steps: int) -> float:
-        """The share of the run's steps that perturb (exact for this seed)."""
-        return sum(self.plan(total_steps)) / total_steps if total_steps > 0 else 0.0
